@@ -1,0 +1,107 @@
+"""Backend registry and dispatch: by device, then by backend.
+
+Each backend is a module exposing ``availability() -> (bool, reason)``, ``SUPPORTED_DTYPES`` and
+the op functions it implements (``bsmm_dsd``, ``bsmm_dds``, ``bsmm_sdd``, ``masked_adam_``). The
+dispatcher collects, for a requested (backend, op, device, dtype), every reason the backend cannot
+run it; ``"auto"`` takes the first backend in the device's preference order whose list is empty,
+and an explicit request with a non-empty list raises ``RuntimeError`` listing the reasons.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .._checks import check_choice
+
+BACKENDS = ("triton", "cuda", "numba", "torch")
+_MODULES = {
+    "triton": "set_kernels.backends.triton",
+    "cuda": "set_kernels.backends.cuda",
+    "numba": "set_kernels.backends.numba",
+    "torch": "set_kernels.backends.torch_ref",
+}
+# Devices each backend can serve; "torch" serves any device torch does.
+_DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "numba": ("cpu",), "torch": None}
+# "auto" preference per device type, fastest first.
+AUTO_ORDER = {"cpu": ("numba", "torch"), "cuda": ("triton", "cuda", "torch")}
+OPS = ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+ENV_VAR = "SET_KERNELS_BACKEND"
+
+_loaded: dict[str, object] = {}
+
+
+def load(name: str):
+    """The backend module, or None when it is not part of this installation."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:  # a backend missing from this build
+            _loaded[name] = exc
+    mod = _loaded[name]
+    return None if isinstance(mod, ImportError) else mod
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` can run on this machine at all, and why not."""
+    mod = load(name)
+    if mod is None:
+        return False, f"the {name} backend is not part of this build ({_loaded[name]})"
+    return mod.availability()
+
+
+def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Every reason backend ``name`` cannot run ``op`` on (device, dtype); empty when it can."""
+    ok, why = availability(name)
+    if not ok:
+        return [why]
+    reasons = []
+    mod = load(name)
+    if not callable(getattr(mod, op, None)):
+        reasons.append(f"it does not implement {op} yet")
+    devices = _DEVICES[name]
+    if devices is not None and device.type not in devices:
+        reasons.append(f"it runs on {', '.join(devices)} tensors, not {device.type}")
+    if dtype not in mod.SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in mod.SUPPORTED_DTYPES)
+        reasons.append(f"it supports dtypes {names}, not {str(dtype).replace('torch.', '')}")
+    return reasons
+
+
+def resolve(backend, op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the backend name for ``op`` on (device, dtype).
+
+    ``backend`` is None/"auto" (then ``$SET_KERNELS_BACKEND`` overrides, when set and not "auto")
+    or a name in :data:`BACKENDS`. Raises ValueError for an unknown name and RuntimeError, with
+    every reason, when the requested backend cannot run the op.
+    """
+    source = "backend"
+    if backend is None or backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            backend, source = env, f"${ENV_VAR}"
+    if backend is None or backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if not unsupported_reasons(name, op, device, dtype):
+                return name
+        raise RuntimeError(f"no backend can run {op} on {device.type} {dtype}: " + _all_reasons(op, device, dtype))
+    check_choice(source, backend, BACKENDS + ("auto",))
+    reasons = unsupported_reasons(backend, op, device, dtype)
+    if reasons:
+        raise RuntimeError(
+            f"{source}={backend!r} cannot run {op} on {device.type} {dtype}: " + "; ".join(reasons)
+        )
+    return backend
+
+
+def _all_reasons(op, device, dtype) -> str:
+    return "; ".join(f"{n}: {', '.join(unsupported_reasons(n, op, device, dtype))}" for n in BACKENDS)
+
+
+def get(name: str):
+    """The loaded module of an available backend (after :func:`resolve`)."""
+    mod = load(name)
+    if mod is None:
+        raise RuntimeError(availability(name)[1])
+    return mod

@@ -1,0 +1,244 @@
+"""Block-sparse layout: block CSR plus a transposed (CSC) index, built on the layout's device.
+
+A layout describes which ``b x b`` blocks of a ``(rows, cols)`` matrix W are live. The grid has
+``R = ceil(rows / b)`` block rows and ``C = ceil(cols / b)`` block columns; when ``rows`` or
+``cols`` is not a multiple of ``b`` the last blocks are partial and their out-of-range part is
+ignored by every op.
+
+Index tensors (all int32, contiguous, on the layout's device):
+
+* ``row_ptr``   ``(R + 1,)``  CSR offsets: block row ``r`` owns blocks ``row_ptr[r]:row_ptr[r+1]``.
+* ``col_idx``   ``(nnz,)``    block column of each block, ascending within a block row.
+* ``block_row`` ``(nnz,)``    block row of each block (CSR order).
+* ``col_ptr``   ``(C + 1,)``  CSC offsets of the transposed index.
+* ``row_idx``   ``(nnz,)``    block row of each block in CSC order (ascending within a column).
+* ``perm``      ``(nnz,)``    ``perm[q]`` is the index into ``values`` of the q-th CSC block.
+
+``values`` of shape ``(nnz, b, b)`` follow the CSR order: ``values[k, i, j] =
+W[block_row[k] * b + i, col_idx[k] * b + j]``.
+
+The six index tensors are stored packed in one tensor (:attr:`index`) so that ops take a single
+argument; the named attributes are views into it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_block_size, check_fraction, check_int, check_tensor
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockSparseLayout:
+    """Which blocks of a ``(rows, cols)`` matrix are live; see the module docstring.
+
+    Build one with :meth:`random`, :meth:`from_block_mask` or :meth:`from_csr`.
+    """
+
+    def __init__(self, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape, block_size: int):
+        # Private constructor: inputs are trusted (use from_csr for hand-made CSR).
+        self.block_size = int(block_size)
+        self.shape = (int(shape[0]), int(shape[1]))
+        n_rows, n_cols = self.grid
+        device = row_ptr.device
+        row_ptr = row_ptr.to(device=device, dtype=torch.int64)
+        col_idx = col_idx.to(device=device, dtype=torch.int64)
+        nnz = col_idx.numel()
+        counts = row_ptr[1:] - row_ptr[:-1]
+        block_row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts, output_size=nnz)
+        # CSC order: sort by (column, row); a stable sort on the column keeps rows ascending.
+        perm = torch.sort(col_idx, stable=True).indices
+        col_counts = torch.bincount(col_idx, minlength=n_cols)
+        col_ptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=device)
+        torch.cumsum(col_counts, 0, out=col_ptr[1:])
+        parts = (row_ptr, col_idx, block_row, col_ptr, block_row[perm], perm)
+        self.index = torch.cat(parts).to(torch.int32)
+        self._nnz = nnz
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def random(cls, rows: int, cols: int, block_size: int, density: float, *, generator=None, device=None):
+        """A layout with exactly ``round(density * n_blocks)`` live blocks chosen uniformly."""
+        rows, cols = _check_shape((rows, cols))
+        block_size = check_block_size(block_size)
+        density = check_fraction("density", density)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        n_rows, n_cols = _ceil_div(rows, block_size), _ceil_div(cols, block_size)
+        n_blocks = n_rows * n_cols
+        nnz = round(density * n_blocks)
+        gen_device = generator.device if generator is not None else device
+        chosen = torch.randperm(n_blocks, generator=generator, device=gen_device)[:nnz].to(device)
+        chosen = torch.sort(chosen).values
+        return cls._from_flat(chosen, (rows, cols), block_size)
+
+    @classmethod
+    def from_block_mask(cls, block_mask: torch.Tensor, block_size: int, *, shape=None):
+        """A layout whose live blocks are the True entries of ``block_mask`` ``(R, C)``, bool.
+
+        ``shape`` defaults to ``(R * block_size, C * block_size)``; a smaller shape makes the
+        last block row / column partial, but it must still need exactly R x C blocks.
+        """
+        check_tensor("block_mask", block_mask)
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask: expected a bool tensor, got dtype {block_mask.dtype}")
+        if block_mask.dim() != 2:
+            raise ValueError(f"block_mask: expected a 2-D tensor, got shape {tuple(block_mask.shape)}")
+        block_size = check_block_size(block_size)
+        n_rows, n_cols = block_mask.shape
+        if n_rows == 0 or n_cols == 0:
+            raise ValueError(f"block_mask: expected a non-empty grid, got shape {tuple(block_mask.shape)}")
+        if shape is None:
+            shape = (n_rows * block_size, n_cols * block_size)
+        rows, cols = _check_shape(shape)
+        if (_ceil_div(rows, block_size), _ceil_div(cols, block_size)) != (n_rows, n_cols):
+            raise ValueError(
+                f"shape: {(rows, cols)} with block_size {block_size} needs a "
+                f"{(_ceil_div(rows, block_size), _ceil_div(cols, block_size))} block grid, "
+                f"but block_mask has shape {(n_rows, n_cols)}"
+            )
+        flat = torch.nonzero(block_mask.reshape(-1)).reshape(-1)  # row-major == CSR order
+        return cls._from_flat(flat, (rows, cols), block_size)
+
+    @classmethod
+    def from_csr(cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, block_size: int, shape):
+        """A layout from a hand-made block CSR; every index is checked.
+
+        ``row_ptr``: integer ``(R + 1,)``, starts at 0, non-decreasing, ends at ``nnz``.
+        ``col_idx``: integer ``(nnz,)``, in ``[0, C)``, strictly ascending within each block row.
+        """
+        check_tensor("row_ptr", row_ptr)
+        check_tensor("col_idx", col_idx)
+        block_size = check_block_size(block_size)
+        rows, cols = _check_shape(shape)
+        for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name}: expected an int32 or int64 tensor, got dtype {t.dtype}")
+            if t.dim() != 1:
+                raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+        if row_ptr.device != col_idx.device:
+            raise ValueError(f"col_idx: expected a tensor on {row_ptr.device} (the device of row_ptr), got {col_idx.device}")
+        n_rows, n_cols = _ceil_div(rows, block_size), _ceil_div(cols, block_size)
+        _check_csr(row_ptr.long(), col_idx.long(), n_rows, n_cols)
+        return cls(row_ptr, col_idx, (rows, cols), block_size)
+
+    @classmethod
+    def _from_flat(cls, flat: torch.Tensor, shape, block_size: int):
+        """From sorted flat block indices ``r * C + c``."""
+        n_rows, n_cols = _ceil_div(shape[0], block_size), _ceil_div(shape[1], block_size)
+        block_row = torch.div(flat, n_cols, rounding_mode="floor")
+        col_idx = flat - block_row * n_cols
+        row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
+        torch.cumsum(torch.bincount(block_row, minlength=n_rows), 0, out=row_ptr[1:])
+        return cls(row_ptr, col_idx, shape, block_size)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(R, C)``: the number of block rows and block columns."""
+        return _ceil_div(self.shape[0], self.block_size), _ceil_div(self.shape[1], self.block_size)
+
+    @property
+    def n_blocks(self) -> int:
+        n_rows, n_cols = self.grid
+        return n_rows * n_cols
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self._nnz
+
+    @property
+    def density(self) -> float:
+        return self._nnz / self.n_blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    def _part(self, i: int) -> torch.Tensor:
+        n_rows, n_cols = self.grid
+        sizes = (n_rows + 1, self._nnz, self._nnz, n_cols + 1, self._nnz, self._nnz)
+        start = sum(sizes[:i])
+        return self.index[start:start + sizes[i]]
+
+    row_ptr = property(lambda self: self._part(0), doc="int32 (R + 1,) CSR offsets")
+    col_idx = property(lambda self: self._part(1), doc="int32 (nnz,) block column, CSR order")
+    block_row = property(lambda self: self._part(2), doc="int32 (nnz,) block row, CSR order")
+    col_ptr = property(lambda self: self._part(3), doc="int32 (C + 1,) CSC offsets")
+    row_idx = property(lambda self: self._part(4), doc="int32 (nnz,) block row, CSC order")
+    perm = property(lambda self: self._part(5), doc="int32 (nnz,) CSC position -> values index")
+
+    # ----------------------------------------------------------------- methods
+    def block_mask(self) -> torch.Tensor:
+        """Bool tensor ``(R, C)``, True at live blocks."""
+        n_rows, n_cols = self.grid
+        mask = torch.zeros(n_rows * n_cols, dtype=torch.bool, device=self.device)
+        mask[self.block_row.long() * n_cols + self.col_idx.long()] = True
+        return mask.reshape(n_rows, n_cols)
+
+    def element_mask(self) -> torch.Tensor:
+        """Bool tensor ``(rows, cols)``, True inside live blocks."""
+        b = self.block_size
+        mask = self.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)
+        return mask[: self.shape[0], : self.shape[1]].contiguous()
+
+    def to(self, device) -> "BlockSparseLayout":
+        """The same layout on ``device`` (self if already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        out = object.__new__(BlockSparseLayout)
+        out.__dict__.update(self.__dict__)
+        out.index = self.index.to(device)
+        return out
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, BlockSparseLayout):
+            return NotImplemented
+        return (
+            self.shape == other.shape
+            and self.block_size == other.block_size
+            and self._nnz == other._nnz
+            and torch.equal(self.index.cpu(), other.index.cpu())
+        )
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSparseLayout(shape={self.shape}, block_size={self.block_size}, "
+            f"nnz_blocks={self._nnz}/{self.n_blocks}, density={self.density:.4f}, device={self.device})"
+        )
+
+
+def _check_shape(shape) -> tuple[int, int]:
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"shape: expected (rows, cols), got {shape!r}")
+    rows = check_int("rows", shape[0], minimum=1) if not isinstance(shape[0], torch.SymInt) else shape[0]
+    cols = check_int("cols", shape[1], minimum=1) if not isinstance(shape[1], torch.SymInt) else shape[1]
+    return rows, cols
+
+
+def _check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_rows: int, n_cols: int) -> None:
+    """Raise ValueError unless (row_ptr, col_idx) is a valid sorted block CSR on an R x C grid."""
+    nnz = col_idx.numel()
+    if row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"row_ptr: expected length {n_rows + 1} (block rows + 1), got {row_ptr.numel()}")
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+        raise ValueError(f"row_ptr: expected to start at 0 and end at nnz={nnz}, got {int(row_ptr[0])} and {int(row_ptr[-1])}")
+    counts = row_ptr[1:] - row_ptr[:-1]
+    if bool((counts < 0).any()):
+        raise ValueError("row_ptr: expected non-decreasing offsets")
+    if nnz == 0:
+        return
+    if bool(((col_idx < 0) | (col_idx >= n_cols)).any()):
+        raise ValueError(f"col_idx: expected block columns in [0, {n_cols}), got values in "
+                         f"[{int(col_idx.min())}, {int(col_idx.max())}]")
+    block_row = torch.repeat_interleave(torch.arange(n_rows, device=row_ptr.device), counts)
+    key = block_row * n_cols + col_idx
+    if nnz > 1 and bool((key[1:] <= key[:-1]).any()):
+        raise ValueError("col_idx: expected strictly ascending block columns within each block row "
+                         "(unsorted or duplicate blocks)")

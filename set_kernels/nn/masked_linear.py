@@ -1,0 +1,86 @@
+"""``MaskedLinear``: element-level mask on a dense weight, the exact semantics of the SET paper."""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_fraction, check_int
+
+
+class MaskedLinear(torch.nn.Module):
+    """``y = x @ (W * mask).T + bias`` with a dense weight and a boolean element mask.
+
+    Attributes:
+        weight: dense ``nn.Parameter (out_features, in_features)``, exactly 0 where ``mask`` is False.
+        mask: bool buffer ``(out_features, in_features)`` with exactly ``round(density * numel)`` True.
+        bias: ``nn.Parameter (out_features,)`` or None.
+
+    The forward multiplies by the mask, so masked entries get zero gradient under any optimizer;
+    :class:`set_kernels.optim.MaskedAdam` finds the mask automatically and also zeroes the moments.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 0.1,
+                 device=None, dtype=None, generator=None):
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        density = check_fraction("density", density)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        numel = out_features * in_features
+        gen_device = generator.device if generator is not None else self.weight.device
+        live = torch.randperm(numel, generator=generator, device=gen_device)[: round(density * numel)]
+        mask = torch.zeros(numel, dtype=torch.bool, device=self.weight.device)
+        mask[live.to(mask.device)] = True
+        self.register_buffer("mask", mask.reshape(out_features, in_features))
+        self.reset_parameters(generator=generator)
+        _tag_masked_param(self.weight, self)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None) -> None:
+        """``nn.Linear``'s default init U(-1/sqrt(in), 1/sqrt(in)) on live entries; 0 elsewhere."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight.uniform_(-bound, bound, generator=generator).mul_(self.mask)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    @classmethod
+    def from_dense(cls, linear: torch.nn.Linear, *, density: float):
+        """A ``MaskedLinear`` keeping the ``round(density * numel)`` weights of largest ``|w|``."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        density = check_fraction("density", density)
+        weight = linear.weight.detach()
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, density=0.0,
+                  device=weight.device, dtype=weight.dtype)
+        keep = torch.topk(weight.abs().reshape(-1), round(density * weight.numel()), sorted=False).indices
+        with torch.no_grad():
+            out.mask.view(-1)[keep] = True
+            out.weight.copy_(weight * out.mask)
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias.detach())
+        return out
+
+    def extra_repr(self) -> str:
+        density = self.mask.sum().item() / self.mask.numel()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={density:.4f}")
+
+
+def _tag_masked_param(param: torch.nn.Parameter, module: MaskedLinear) -> None:
+    # MaskedAdam reads the mask through this weak reference at every step, so it follows the
+    # module's current mask buffer (after .to(), load_state_dict or a topology update).
+    param._set_kernels_mask_owner = weakref.ref(module)
+
+
+def mask_of(param: torch.Tensor):
+    """The current mask of a ``MaskedLinear`` weight, or None for any other tensor."""
+    owner = getattr(param, "_set_kernels_mask_owner", None)
+    module = owner() if owner is not None else None
+    return None if module is None or module.weight is not param else module.mask

@@ -1,0 +1,135 @@
+"""``SparseLinear``: a linear layer whose weight is block-sparse and stored as live blocks only."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .._checks import check_block_size, check_fraction, check_int
+from ..layout import BlockSparseLayout
+
+
+class SparseLinear(torch.nn.Module):
+    """``y = x @ W.T + bias`` with W ``(out_features, in_features)`` block-sparse.
+
+    Attributes:
+        values: ``nn.Parameter (nnz_blocks, b, b)``, the live blocks in the layout's CSR order.
+        bias: ``nn.Parameter (out_features,)`` or None.
+        layout: :class:`BlockSparseLayout` of shape ``(out_features, in_features)``.
+        backend: backend name passed to :func:`set_kernels.ops.block_sparse_linear` (None = auto).
+
+    Input ``(..., in_features)``, output ``(..., out_features)``. The layout's block CSR is kept
+    in the buffers ``row_ptr`` and ``col_idx``, so ``state_dict`` round-trips it exactly.
+    Parts of edge blocks beyond the feature sizes hold zeros and get zero gradients.
+    ``layout`` may be given instead of ``density`` to fix the topology.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 0.1,
+                 block_size: int = 32, device=None, dtype=None, generator=None, backend=None, layout=None):
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        self.block_size = check_block_size(block_size)
+        density = check_fraction("density", density)
+        dtype = dtype or torch.get_default_dtype()
+        if layout is None:
+            layout = BlockSparseLayout.random(out_features, in_features, block_size, density,
+                                              generator=generator, device=device)
+        elif not isinstance(layout, BlockSparseLayout):
+            raise TypeError(f"layout: expected a BlockSparseLayout or None, got {type(layout).__name__}")
+        elif layout.shape != (out_features, in_features) or layout.block_size != block_size:
+            raise ValueError(f"layout: expected shape {(out_features, in_features)} and block size {block_size}, "
+                             f"got {layout.shape} and {layout.block_size}")
+        else:
+            layout = layout.to(device if device is not None else layout.device)
+        b = block_size
+        self.values = torch.nn.Parameter(torch.empty(layout.nnz_blocks, b, b, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.backend = backend
+        self._set_layout_buffers(layout)
+        self.reset_parameters(generator=generator)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_layout_cache())
+
+    def _set_layout_buffers(self, layout: BlockSparseLayout) -> None:
+        self.register_buffer("row_ptr", layout.row_ptr.clone())
+        self.register_buffer("col_idx", layout.col_idx.clone())
+        self._layout = layout
+        self._layout_key = (self.row_ptr, self.col_idx)
+
+    def _drop_layout_cache(self) -> None:
+        self._layout = None
+
+    @property
+    def layout(self) -> BlockSparseLayout:
+        # Rebuilt when the buffers were replaced (module.to) or reloaded (load_state_dict).
+        if self._layout is None or self._layout_key[0] is not self.row_ptr or self._layout_key[1] is not self.col_idx:
+            self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, (self.out_features, self.in_features),
+                                             self.block_size)
+            self._layout_key = (self.row_ptr, self.col_idx)
+        return self._layout
+
+    def set_layout(self, layout: BlockSparseLayout, values: torch.Tensor) -> None:
+        """Install a new layout with the same ``nnz_blocks`` and its ``values (nnz, b, b)`` in place."""
+        if layout.shape != (self.out_features, self.in_features) or layout.block_size != self.block_size:
+            raise ValueError(f"layout: expected shape {(self.out_features, self.in_features)} and block size "
+                             f"{self.block_size}, got {layout.shape} and {layout.block_size}")
+        if layout.nnz_blocks != self.values.shape[0]:
+            raise ValueError(f"layout: expected {self.values.shape[0]} live blocks, got {layout.nnz_blocks}")
+        with torch.no_grad():
+            self.row_ptr.copy_(layout.row_ptr)
+            self.col_idx.copy_(layout.col_idx)
+            self.values.copy_(values)
+        self._layout = layout.to(self.row_ptr.device)
+        self._layout_key = (self.row_ptr, self.col_idx)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None) -> None:
+        """``nn.Linear``'s default init on live entries: U(-1/sqrt(in), 1/sqrt(in)); edges zero."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.values.uniform_(-bound, bound, generator=generator)
+        self.values.mul_(self._edge_mask())
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound, generator=generator)
+
+    def _edge_mask(self) -> torch.Tensor:
+        """``(nnz, b, b)``: 1 where a block entry lies inside the matrix, 0 beyond its edges."""
+        ones = torch.ones(self.out_features, self.in_features, device=self.values.device, dtype=self.values.dtype)
+        return ops.from_dense(ones, self.layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense ``(out_features, in_features)`` tensor (differentiable)."""
+        return ops.to_dense(self.values, self.layout)
+
+    @classmethod
+    def from_dense(cls, linear: torch.nn.Linear, *, density: float, block_size: int = 32, backend=None):
+        """A ``SparseLinear`` keeping the ``round(density * n_blocks)`` blocks of largest Frobenius norm."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        density = check_fraction("density", density)
+        block_size = check_block_size(block_size)
+        weight = linear.weight.detach()
+        rows, cols = weight.shape
+        b = block_size
+        n_rows, n_cols = -(-rows // b), -(-cols // b)
+        padded = F.pad(weight.float(), (0, n_cols * b - cols, 0, n_rows * b - rows))
+        norms = padded.reshape(n_rows, b, n_cols, b).square().sum(dim=(1, 3)).reshape(-1)
+        keep = torch.topk(norms, round(density * norms.numel()), sorted=False).indices
+        block_mask = torch.zeros_like(norms, dtype=torch.bool)
+        block_mask[keep] = True
+        layout = BlockSparseLayout.from_block_mask(block_mask.reshape(n_rows, n_cols), b, shape=(rows, cols))
+        out = cls(cols, rows, linear.bias is not None, block_size=b, device=weight.device, dtype=weight.dtype,
+                  backend=backend, layout=layout)
+        with torch.no_grad():
+            out.values.copy_(ops.from_dense(weight, layout))
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias.detach())
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}, density={self.layout.density:.4f}, backend={self.backend}")

@@ -1,0 +1,203 @@
+"""torch.library custom ops: schemas, fake (meta) implementations and autograd.
+
+Every op takes the layout as one packed int32 ``index`` tensor (see
+:class:`set_kernels.layout.BlockSparseLayout`) plus ``rows``, ``cols`` and ``block_size``, and the
+name of an already-resolved backend. The ops are opaque to ``torch.compile``; validation happens
+in the public wrappers of :mod:`set_kernels.ops`, before any op is called.
+
+The three matmuls are each other's transposes, so every backward is written with them:
+
+* ``bsmm_dsd``: ``y = x @ W.T``    -> ``dx = dds(dy, W)``, ``dW = sdd(dy, x)``
+* ``bsmm_dds``: ``z = g @ W``      -> ``dg = dsd(dz, W)``, ``dW = sdd(g, dz)``
+* ``bsmm_sdd``: ``S = sdd(g, x)``  -> ``dg = dsd(x, dS)``, ``dx = dds(g, dS)``
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends import torch_ref
+
+
+def split_index(index: Tensor, rows: int, cols: int, block_size: int):
+    """Views ``(row_ptr, col_idx, block_row, col_ptr, row_idx, perm)`` of a packed layout index."""
+    n_rows, n_cols = -(-rows // block_size), -(-cols // block_size)
+    nnz = (index.numel() - n_rows - n_cols - 2) // 4
+    return torch.split(index, [n_rows + 1, nnz, nnz, n_cols + 1, nnz, nnz])
+
+
+# ------------------------------------------------------------------------------------- forward
+@torch.library.custom_op("set_kernels::bsmm_dsd", mutates_args=())
+def bsmm_dsd(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
+             block_size: int, backend: str) -> Tensor:
+    """``y (M, rows) = x (M, cols) @ W.T + bias``, W given by ``values (nnz, b, b)`` on the layout."""
+    row_ptr, col_idx, *_ = split_index(index, rows, cols, block_size)
+    return backends.get(backend).bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
+
+
+@bsmm_dsd.register_fake
+def _(x, values, index, bias, rows, cols, block_size, backend):
+    return x.new_empty(x.shape[0], rows)
+
+
+def _dsd_setup(ctx, inputs, output):
+    x, values, index, bias, rows, cols, block_size, backend = inputs
+    ctx.save_for_backward(x, values, index)
+    ctx.meta = (rows, cols, block_size, backend)
+    ctx.has_bias = bias is not None
+
+
+def _dsd_backward(ctx, dy):
+    x, values, index = ctx.saved_tensors
+    rows, cols, b, backend = ctx.meta
+    dy = dy.contiguous()
+    dx = dv = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = bsmm_dds(dy, values, index, rows, cols, b, backend)
+    if ctx.needs_input_grad[1]:
+        dv = bsmm_sdd(dy, x, index, rows, cols, b, backend)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = dy.sum(0)
+    return dx, dv, None, dbias, None, None, None, None
+
+
+bsmm_dsd.register_autograd(_dsd_backward, setup_context=_dsd_setup)
+
+
+# ------------------------------------------------------------------------------- input gradient
+@torch.library.custom_op("set_kernels::bsmm_dds", mutates_args=())
+def bsmm_dds(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
+             backend: str) -> Tensor:
+    """``dx (M, cols) = dy (M, rows) @ W``, walking the transposed index (no atomics)."""
+    _, _, _, col_ptr, row_idx, perm = split_index(index, rows, cols, block_size)
+    return backends.get(backend).bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
+
+
+@bsmm_dds.register_fake
+def _(dy, values, index, rows, cols, block_size, backend):
+    return dy.new_empty(dy.shape[0], cols)
+
+
+def _dds_setup(ctx, inputs, output):
+    dy, values, index, rows, cols, block_size, backend = inputs
+    ctx.save_for_backward(dy, values, index)
+    ctx.meta = (rows, cols, block_size, backend)
+
+
+def _dds_backward(ctx, dz):
+    g, values, index = ctx.saved_tensors
+    rows, cols, b, backend = ctx.meta
+    dz = dz.contiguous()
+    dg = dv = None
+    if ctx.needs_input_grad[0]:
+        dg = bsmm_dsd(dz, values, index, None, rows, cols, b, backend)
+    if ctx.needs_input_grad[1]:
+        dv = bsmm_sdd(g, dz, index, rows, cols, b, backend)
+    return dg, dv, None, None, None, None, None
+
+
+bsmm_dds.register_autograd(_dds_backward, setup_context=_dds_setup)
+
+
+# ------------------------------------------------------------------------------ weight gradient
+@torch.library.custom_op("set_kernels::bsmm_sdd", mutates_args=())
+def bsmm_sdd(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
+             backend: str) -> Tensor:
+    """``dv (nnz, b, b)``: ``dy (M, rows).T @ x (M, cols)`` on the live blocks only."""
+    _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
+    return backends.get(backend).bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size)
+
+
+@bsmm_sdd.register_fake
+def _(dy, x, index, rows, cols, block_size, backend):
+    nnz = split_index(index, rows, cols, block_size)[1].shape[0]
+    return dy.new_empty(nnz, block_size, block_size)
+
+
+def _sdd_setup(ctx, inputs, output):
+    g, x, index, rows, cols, block_size, backend = inputs
+    ctx.save_for_backward(g, x, index)
+    ctx.meta = (rows, cols, block_size, backend)
+
+
+def _sdd_backward(ctx, ds):
+    g, x, index = ctx.saved_tensors
+    rows, cols, b, backend = ctx.meta
+    ds = ds.contiguous()
+    dg = dx = None
+    if ctx.needs_input_grad[0]:
+        dg = bsmm_dsd(x, ds, index, None, rows, cols, b, backend)
+    if ctx.needs_input_grad[1]:
+        dx = bsmm_dds(g, ds, index, rows, cols, b, backend)
+    return dg, dx, None, None, None, None, None
+
+
+bsmm_sdd.register_autograd(_sdd_backward, setup_context=_sdd_setup)
+
+
+# ---------------------------------------------------------------------- dense <-> block values
+@torch.library.custom_op("set_kernels::to_dense", mutates_args=())
+def to_dense(values: Tensor, index: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
+    """``W (rows, cols)`` from ``values (nnz, b, b)``; zeros outside live blocks."""
+    _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
+    return torch_ref.to_dense(values, block_row, col_idx, rows, cols, block_size)
+
+
+@to_dense.register_fake
+def _(values, index, rows, cols, block_size):
+    return values.new_empty(rows, cols)
+
+
+@torch.library.custom_op("set_kernels::from_dense", mutates_args=())
+def from_dense(weight: Tensor, index: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
+    """``values (nnz, b, b)``: the live blocks of ``weight (rows, cols)``, zero beyond the edges."""
+    _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
+    return torch_ref.from_dense(weight, block_row, col_idx, rows, cols, block_size)
+
+
+@from_dense.register_fake
+def _(weight, index, rows, cols, block_size):
+    nnz = split_index(index, rows, cols, block_size)[1].shape[0]
+    return weight.new_empty(nnz, block_size, block_size)
+
+
+def _layout_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.meta = inputs[2:]
+
+
+def _to_dense_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return from_dense(grad.contiguous(), index, *ctx.meta), None, None, None, None
+
+
+def _from_dense_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return to_dense(grad.contiguous(), index, *ctx.meta), None, None, None, None
+
+
+to_dense.register_autograd(_to_dense_backward, setup_context=_layout_setup)
+from_dense.register_autograd(_from_dense_backward, setup_context=_layout_setup)
+
+
+# -------------------------------------------------------------------------------- masked Adam
+@torch.library.custom_op("set_kernels::masked_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def masked_adam_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                 exp_avg_sqs: List[Tensor], masks: List[Optional[Tensor]], grad_scale: Optional[Tensor],
+                 found_inf: Optional[Tensor], step: int, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, decoupled_weight_decay: bool, backend: str) -> None:
+    """In-place fused masked Adam/AdamW over lists of tensors (see ``set_kernels.ops.masked_adam_``)."""
+    backends.get(backend).masked_adam_(
+        params, grads, exp_avgs, exp_avg_sqs, masks, step=step, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+@masked_adam_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, masks, grad_scale, found_inf, step, lr, beta1, beta2,
+      eps, weight_decay, decoupled_weight_decay, backend):
+    return None

@@ -1,0 +1,4 @@
+"""Optimizers: ``MaskedAdam`` (fused masked Adam/AdamW)."""
+from .masked_adam import MaskedAdam
+
+__all__ = ["MaskedAdam"]

@@ -1,0 +1,86 @@
+"""``MaskedAdam``: Adam/AdamW through the fused ``masked_adam_`` op, keeping masked weights at 0."""
+from __future__ import annotations
+
+import torch
+
+from .. import backends, ops
+from .._checks import check_tensor
+from ..nn.masked_linear import mask_of
+
+
+class MaskedAdam(torch.optim.Optimizer):
+    """Adam (or AdamW with ``decoupled_weight_decay=True``) with per-parameter boolean masks.
+
+    Masks of :class:`set_kernels.nn.MaskedLinear` weights are found automatically (and followed
+    when the layer's mask changes); ``masks={param: bool tensor of param's shape}`` adds others.
+    Where a mask is False, the parameter and both moments are set to exactly 0 at every step.
+    Unmasked parameters are updated like ``torch.optim.Adam`` / ``AdamW``.
+
+    State per parameter: ``step`` (float32 scalar tensor, as in torch), ``exp_avg`` and
+    ``exp_avg_sq`` (float32 for fp16/bf16 parameters, else the parameter's dtype).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 decoupled_weight_decay=False, masks=None, backend=None):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        # Reuse the op's checks for the hyper-parameters, so errors read the same everywhere.
+        ops._check_hyper(1, lr, betas[0], betas[1], eps, weight_decay)
+        if backend is not None and backend not in backends.BACKENDS + ("auto",):
+            raise ValueError(f"backend: expected one of {backends.BACKENDS + ('auto',)} or None, got {backend!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=bool(decoupled_weight_decay))
+        super().__init__(params, defaults)
+        self.backend = backend
+        self._masks: dict[int, torch.Tensor] = {}
+        all_params = {id(p): p for group in self.param_groups for p in group["params"]}
+        for p, mask in (masks or {}).items():
+            if id(p) not in all_params:
+                raise ValueError("masks: a key is not one of the optimizer's parameters")
+            check_tensor("masks[...]", mask)
+            if mask.dtype != torch.bool or mask.shape != p.shape:
+                raise ValueError(f"masks: expected a bool tensor of shape {tuple(p.shape)}, "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+            self._masks[id(p)] = mask
+
+    def mask_for(self, p: torch.Tensor):
+        """The mask applied to ``p``: one given in ``masks=``, a MaskedLinear mask, or None."""
+        return self._masks.get(id(p), mask_of(p))
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            moment_dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # One fused call per (device, step count); normally every parameter shares both.
+            buckets: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdam does not support sparse gradients")
+                state = self._init_state(p)
+                state["step"] += 1
+                buckets.setdefault((p.device, int(state["step"].item())), []).append(p)
+            beta1, beta2 = group["betas"]
+            for (_, step), params in buckets.items():
+                states = [self.state[p] for p in params]
+                ops.masked_adam_(
+                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [self.mask_for(p) for p in params],
+                    step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                    backend=self.backend,
+                )
+        return loss
