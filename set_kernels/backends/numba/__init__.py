@@ -1,0 +1,197 @@
+"""Numba CPU backend: block-sparse matmuls and the fused masked Adam on CPU torch tensors.
+
+The kernels live in :mod:`.bsmm` and :mod:`.adam`; they are imported lazily so that importing
+this module works without numba (then :func:`availability` says why). Inputs are validated and
+made contiguous by the caller (the ops layer); outputs are allocated with torch and written by
+the kernels through numpy views.
+
+Compiled kernels are cached on disk (``cache=True``) in ``$NUMBA_CACHE_DIR``, which this module
+sets, when unset, to ``.numba_cache`` next to the ``set_kernels`` package (when writable).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+NAME = "numba"
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _set_cache_dir() -> None:
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    cache = os.path.join(root, ".numba_cache")
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:
+        return
+    if os.access(cache, os.W_OK | os.X_OK):
+        os.environ["NUMBA_CACHE_DIR"] = cache
+
+
+_set_cache_dir()
+
+_kernels = None  # (bsmm, adam) modules once imported
+_import_error = None  # why numba cannot be used, once known
+
+
+def availability() -> tuple[bool, str]:
+    """(True, "") when numba can be imported, else (False, why)."""
+    global _import_error
+    if _kernels is not None:
+        return True, ""
+    if _import_error is None:
+        try:
+            import numba  # noqa: F401
+        except ImportError as exc:
+            if getattr(exc, "name", None) == "numba":
+                _import_error = "numba is not installed (pip install numba)"
+            else:
+                _import_error = f"numba cannot be imported: {exc}"
+        except Exception as exc:  # a broken install (e.g. numpy/llvmlite version mismatch)
+            _import_error = f"numba cannot be imported: {type(exc).__name__}: {exc}"
+        else:
+            _import_error = ""
+    return (not _import_error), _import_error
+
+
+def _load():
+    global _kernels
+    if _kernels is None:
+        ok, why = availability()
+        if not ok:
+            raise RuntimeError(f"the numba backend is not available: {why}")
+        from . import adam, bsmm
+
+        _kernels = (bsmm, adam)
+    return _kernels
+
+
+_NO_MASK = torch.empty(0, dtype=torch.uint8)
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+def _check_index(t: torch.Tensor, name: str) -> None:
+    # The kernels index raw memory: catch what would otherwise read out of bounds.
+    if t.dtype != torch.int32 or not t.is_contiguous():
+        raise TypeError(f"{name}: expected a contiguous int32 tensor, got {t.dtype}")
+
+
+def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None)."""
+    bsmm, _ = _load()
+    b = int(block_size)
+    rows, cols = int(rows), int(cols)
+    M = x.shape[0]
+    y = torch.empty(M, rows, dtype=x.dtype)
+    if M == 0 or rows == 0:
+        return y
+    if cols == 0 or values.shape[0] == 0:
+        if bias is None:
+            y.zero_()
+        else:
+            y.copy_(bias.detach().to(y.dtype).expand(M, rows))
+        return y
+    _check_index(row_ptr, "row_ptr")
+    _check_index(col_idx, "col_idx")
+    if bias is None:
+        bias_np, has_bias = _np(values).reshape(-1)[:0], False
+    else:
+        bias_np, has_bias = _np(bias), True
+    bsmm.dsd(_np(x), _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
+             bsmm.token_tile(b), bsmm.K_CHUNK)
+    return y
+
+
+def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Input gradient ``dx (M, cols) = dy (M, rows) @ W``, through the transposed (CSC) index."""
+    bsmm, _ = _load()
+    b = int(block_size)
+    rows, cols = int(rows), int(cols)
+    M = dy.shape[0]
+    dx = torch.empty(M, cols, dtype=dy.dtype)
+    if M == 0 or cols == 0:
+        return dx
+    if rows == 0 or values.shape[0] == 0:
+        return dx.zero_()
+    for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm")):
+        _check_index(t, name)
+    bsmm.dds(_np(dy), _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
+             bsmm.token_tile(b), bsmm.K_CHUNK)
+    return dx
+
+
+def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Weight gradient on the live blocks: ``dv (nnz, b, b)``, ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``."""
+    bsmm, _ = _load()
+    b = int(block_size)
+    rows, cols = int(rows), int(cols)
+    nnz = block_row.shape[0]
+    dv = torch.empty(nnz, b, b, dtype=dy.dtype)
+    if nnz == 0:
+        return dv
+    if dy.shape[0] == 0:
+        return dv.zero_()
+    _check_index(block_row, "block_row")
+    _check_index(col_idx, "col_idx")
+    bsmm.sdd(_np(dy), _np(x), _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK)
+    return dv
+
+
+def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, decoupled_weight_decay: bool, grad_scale=None,
+                 found_inf=None) -> None:
+    """In-place Adam/AdamW step over lists of tensors; masked entries of p, m, v become exactly 0.
+
+    The math is torch.optim.Adam's: ``g = grad / grad_scale``; weight decay either decoupled
+    (``p *= 1 - lr * wd``) or added to g (``g += wd * p``); ``m = lerp(m, g, 1 - beta1)``;
+    ``v = beta2 * v + (1 - beta2) * g * g``; ``p -= lr / (1 - beta1**step) * m /
+    (sqrt(v) / sqrt(1 - beta2**step) + eps)``; in fp32 (fp64 for fp64 params). Nothing changes
+    when ``found_inf`` is given and non-zero.
+    """
+    _, adam = _load()
+    if found_inf is not None and float(found_inf.item()) != 0:
+        return
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(masks) == n):
+        raise ValueError("masked_adam_: params, grads, exp_avgs, exp_avg_sqs and masks must have the same length")
+    step = int(step)
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    wd = float(weight_decay)
+    decoupled = bool(decoupled_weight_decay)
+    scale = 1.0 if grad_scale is None else float(grad_scale.item())
+    hp_values = [0.0] * adam.HP_SIZE
+    hp_values[adam.HP_BETA1] = beta1
+    hp_values[adam.HP_1M_BETA1] = 1 - beta1
+    hp_values[adam.HP_BETA2] = beta2
+    hp_values[adam.HP_1M_BETA2] = 1 - beta2
+    hp_values[adam.HP_STEP_SIZE] = lr / bc1
+    hp_values[adam.HP_BC2_SQRT] = bc2_sqrt
+    hp_values[adam.HP_EPS] = eps
+    hp_values[adam.HP_P_FACTOR] = 1 - lr * wd if (decoupled and wd != 0) else 1.0
+    hp_values[adam.HP_G_WD] = wd
+    hp_values[adam.HP_GRAD_SCALE] = scale
+    hps = {}
+    coupled = wd != 0 and not decoupled
+    for p, g, m, v, mask in zip(params, grads, exp_avgs, exp_avg_sqs, masks):
+        if p.numel() == 0:
+            continue
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if acc not in hps:
+            hps[acc] = torch.tensor(hp_values, dtype=acc).numpy()
+        tensors = (p, g, m, v) if mask is None else (p, g, m, v, mask)
+        if any(not t.is_contiguous() or t.numel() != p.numel() for t in tensors):
+            raise ValueError("masked_adam_: p, grad, exp_avg, exp_avg_sq and mask must be contiguous and of one size")
+        if mask is None:
+            mask_np, has_mask = _NO_MASK.numpy(), False
+        else:
+            mask_np, has_mask = _np(mask.view(torch.uint8)).reshape(-1), True
+        adam.adam_step(_np(p).reshape(-1), _np(g).reshape(-1), _np(m).reshape(-1), _np(v).reshape(-1), mask_np,
+                       has_mask, hps[acc], coupled, grad_scale is not None)
