@@ -56,6 +56,17 @@ class MaskedAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
         return state
 
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype on load; fp16/bf16 parameters keep
+        # fp32 moments here, so restore the saved dtype (a lossless copy of the saved tensor).
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx, saved in state_dict["state"].items():
+            p = params[idx]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved and self.state[p][key].dtype != saved[key].dtype:
+                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
