@@ -1,0 +1,157 @@
+"""Shared helpers for the set_kernels test suite.
+
+The float64 oracle here is written from scratch with plain loops and dense torch: it never calls
+``set_kernels.ops`` (so a bug in ``to_dense`` cannot hide a bug in a kernel).
+"""
+from __future__ import annotations
+
+import os
+
+# Keep numba's on-disk JIT cache in the (git-ignored) repo folder, set before numba is imported.
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      ".numba_cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from set_kernels import backends  # noqa: E402
+
+# CPU backends that every CPU installation must have: unavailable => the tests FAIL.
+REQUIRED_CPU_BACKENDS = ("torch", "numba")
+# GPU backends: tested only where a GPU exists; otherwise skipped with the reason.
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def require_backend(name: str) -> None:
+    """Fail (required CPU backend) or skip (GPU backend) unless backend ``name`` is available."""
+    ok, why = backends.availability(name)
+    if ok:
+        return
+    if name in REQUIRED_CPU_BACKENDS:
+        pytest.fail(f"required CPU backend {name!r} is unavailable: {why}")
+    pytest.skip(f"backend {name!r} unavailable: {why}")
+
+
+@pytest.fixture(params=REQUIRED_CPU_BACKENDS)
+def cpu_backend(request) -> str:
+    """Each required CPU backend, failing the test when it is unavailable."""
+    require_backend(request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """Tests start with no $SET_KERNELS_BACKEND, so that 'auto' means auto."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """Seeded standard-normal tensor (never zeros)."""
+    return (torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+# --------------------------------------------------------------------------- layout oracle
+def csr_blocks(layout) -> list[tuple[int, int]]:
+    """``[(block_row, block_col), ...]`` in values order, read from row_ptr / col_idx with a loop."""
+    row_ptr = layout.row_ptr.tolist()
+    col_idx = layout.col_idx.tolist()
+    out = []
+    for r in range(len(row_ptr) - 1):
+        for k in range(row_ptr[r], row_ptr[r + 1]):
+            out.append((r, col_idx[k]))
+    return out
+
+
+def dense_ref(values: torch.Tensor, layout) -> torch.Tensor:
+    """float64 ``(rows, cols)``: each block placed into a zero ``(R*b, C*b)`` matrix, then cropped."""
+    b = layout.block_size
+    n_rows, n_cols = layout.grid
+    full = torch.zeros(n_rows * b, n_cols * b, dtype=torch.float64)
+    for k, (r, c) in enumerate(csr_blocks(layout)):
+        full[r * b:(r + 1) * b, c * b:(c + 1) * b] = values[k].detach().double()
+    return full[: layout.shape[0], : layout.shape[1]]
+
+
+def blocks_ref(dense: torch.Tensor, layout) -> torch.Tensor:
+    """float64 ``(nnz, b, b)``: the live blocks of ``dense (rows, cols)``, zero beyond the edges."""
+    b = layout.block_size
+    n_rows, n_cols = layout.grid
+    full = torch.zeros(n_rows * b, n_cols * b, dtype=torch.float64)
+    full[: dense.shape[0], : dense.shape[1]] = dense.detach().double()
+    blocks = [full[r * b:(r + 1) * b, c * b:(c + 1) * b] for r, c in csr_blocks(layout)]
+    if not blocks:
+        return torch.zeros(0, b, b, dtype=torch.float64)
+    return torch.stack(blocks)
+
+
+def edge_mask_ref(layout) -> torch.Tensor:
+    """bool ``(nnz, b, b)``: True where a block entry lies inside the ``(rows, cols)`` matrix."""
+    ones = torch.ones(layout.shape, dtype=torch.float64)
+    return blocks_ref(ones, layout) != 0
+
+
+def linear_ref(x, values, layout, bias, dy):
+    """float64 forward and gradients of ``y = x @ W.T + bias`` for upstream gradient ``dy``.
+
+    Returns ``(y, dx, dvalues, dbias)``; ``dvalues`` is zero beyond the matrix edges.
+    """
+    w = dense_ref(values, layout)
+    x64 = x.detach().double().reshape(-1, layout.shape[1])
+    dy64 = dy.detach().double().reshape(-1, layout.shape[0])
+    y = x64 @ w.T
+    if bias is not None:
+        y = y + bias.detach().double()
+    dx = dy64 @ w
+    dw = dy64.T @ x64
+    dvalues = blocks_ref(dw, layout)
+    dbias = dy64.sum(0) if bias is not None else None
+    lead = tuple(x.shape[:-1])
+    return y.reshape(*lead, -1), dx.reshape(*lead, -1), dvalues, dbias
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """``max |actual - expected| <= rel * max(|expected|, 1e-30)`` (error relative to the reference scale)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite entries (an element was not written?)"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().item()
+    err = (a - expected).abs().max().item()
+    assert err <= rel * max(scale, 1e-30), f"{what}: max error {err:.3e} > {rel:g} x scale {scale:.3e}"
+
+
+# Relative tolerances against the float64 reference scale.
+TOL = {torch.float32: 1e-4, torch.float64: 1e-11}
+
+
+
+
+@pytest.fixture
+def poison_alloc(monkeypatch):
+    """Make uninitialised torch allocations (torch.empty, empty_like, Tensor.new_empty) NaN-filled.
+
+    The ops allocate their own outputs (with torch, also in the numba backend), so this is how a
+    test "poisons" them: a kernel that leaves any output element unwritten then returns a NaN,
+    which the comparison catches. numpy is deliberately left alone: numba resolves ``np.empty``
+    when it compiles, and a patched one would not compile.
+    """
+
+    def _nan_fill(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+            with torch.no_grad():
+                t.fill_(float("nan"))
+        return t
+
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        original = getattr(owner, name)
+
+        def poisoned(*args, _original=original, **kwargs):
+            return _nan_fill(_original(*args, **kwargs))
+
+        monkeypatch.setattr(owner, name, poisoned)
+    yield
