@@ -199,3 +199,15 @@ def test_python_m_set_kernels_info():
     assert out.returncode == 0, out.stderr
     for name in backends.BACKENDS:
         assert name in out.stdout
+
+
+def test_mixed_dtype_params_use_one_backend_per_dtype(spy):
+    numba_calls, torch_calls = spy("numba", "masked_adam_"), spy("torch", "masked_adam_")
+    params = [torch.nn.Parameter(randn(10, seed=0)), torch.nn.Parameter(randn(6, dtype=torch.bfloat16, seed=1)),
+              torch.nn.Parameter(randn(4, dtype=torch.float64, seed=2))]
+    before = [p.detach().clone() for p in params]
+    for i, p in enumerate(params):
+        p.grad = randn(*p.shape, dtype=p.dtype, seed=10 + i)
+    sk.optim.MaskedAdam(params, lr=0.1).step()
+    assert len(numba_calls) == 1 and len(torch_calls) == 1  # fp32 + fp64 together on numba, bf16 on torch
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))

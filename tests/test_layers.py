@@ -281,3 +281,58 @@ def test_layer_densities_uniform():
 
 def test_layer_densities_full_density_is_all_dense():
     assert layer_densities([(10, 20), (30, 40)], 1.0, "erk") == pytest.approx([1.0, 1.0])
+
+
+# ------------------------------------------------------------------------- copies and pickling
+def test_deepcopy_masked_linear_keeps_its_own_mask_for_masked_adam(cpu_backend):
+    import copy
+
+    original = MaskedLinear(12, 10, density=0.4, generator=gen(1))
+    clone = copy.deepcopy(original)
+    assert torch.equal(clone.mask, original.mask) and clone.mask is not original.mask
+    opt = sk.optim.MaskedAdam(clone.parameters(), lr=1e-2, backend=cpu_backend)
+    assert opt.mask_for(clone.weight) is clone.mask  # found automatically on the copy too
+    with torch.no_grad():
+        clone.weight.fill_(1.0)
+    clone.weight.grad = randn(10, 12, seed=2)
+    clone.bias.grad = randn(10, seed=3)
+    opt.step()
+    assert torch.equal(clone.weight[~clone.mask], torch.zeros_like(clone.weight[~clone.mask]))
+
+
+def test_deepcopy_sparse_linear(cpu_backend):
+    import copy
+
+    layer = SparseLinear(70, 40, density=0.5, block_size=16, generator=gen(1), backend=cpu_backend)
+    clone = copy.deepcopy(layer)
+    x = randn(3, 70, seed=2)
+    assert clone.layout == layer.layout
+    assert torch.equal(clone(x), layer(x))
+    with torch.no_grad():
+        clone.values.mul_(2)
+    assert not torch.equal(clone(x), layer(x))  # a real copy, not shared storage
+
+
+@pytest.mark.parametrize("kind", ["sparse", "masked"])
+def test_torch_save_whole_module(kind, tmp_path):
+    """torch.save(model) / torch.load(weights_only=False) work for any nn.Module; so must ours."""
+    if kind == "sparse":
+        layer = SparseLinear(70, 40, density=0.5, block_size=16, generator=gen(1))
+    else:
+        layer = MaskedLinear(70, 40, density=0.5, generator=gen(1))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x = randn(3, 70, seed=2)
+    assert torch.equal(loaded(x), model(x))
+    if kind == "masked":
+        opt = sk.optim.MaskedAdam(loaded.parameters())
+        assert opt.mask_for(loaded[0].weight) is loaded[0].mask
+
+
+def test_sparse_linear_dtype_conversion(cpu_backend):
+    layer = SparseLinear(70, 40, density=0.5, block_size=16, generator=gen(1), backend=cpu_backend).double()
+    assert layer.values.dtype == torch.float64 and layer.row_ptr.dtype == torch.int32
+    x = randn(3, 70, dtype=torch.float64, seed=2)
+    torch.testing.assert_close(layer(x), x @ dense_ref(layer.values, layer.layout).T + layer.bias,
+                               rtol=1e-12, atol=1e-12)

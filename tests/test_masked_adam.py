@@ -337,3 +337,38 @@ def test_op_grad_scale_divides_grads(cpu_backend, scale):
 
 def test_op_empty_lists_are_a_no_op(cpu_backend):
     sk.ops.masked_adam_([], [], [], [], [], backend=cpu_backend, **HYPER)
+
+
+def test_op_non_contiguous_mask(cpu_backend):
+    """A mask that is a transposed view is accepted by the checks and must work on every backend."""
+    a = adam_inputs(torch.float32, seed=5)
+    b = tuple([t.clone() if t is not None else None for t in ts] for ts in a)
+    params, grads, exp_avgs, exp_avg_sqs, masks = a
+    def other_strides(m):  # same values, reversed memory order
+        dims = list(reversed(range(m.dim())))
+        return m.permute(dims).contiguous().permute(dims)
+
+    masks = [other_strides(m) if m is not None else None for m in masks]
+    assert not masks[0].is_contiguous()
+    sk.ops.masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, backend=cpu_backend, **HYPER)
+    sk.ops.masked_adam_(*b, backend=cpu_backend, **HYPER)
+    for x, y in zip(params + exp_avgs + exp_avg_sqs, b[0] + b[2] + b[3]):
+        assert torch.equal(x, y)
+
+
+def test_params_at_different_step_counts(cpu_backend):
+    """A parameter that skips steps (no grad) has its own step count, as in torch."""
+    ours = make_params(torch.float64, shapes=[(6, 5), (7,)])
+    theirs = clone_params(ours)
+    opt = MaskedAdam(ours, lr=1e-2, backend=cpu_backend)
+    ref = torch.optim.Adam(theirs, lr=1e-2, foreach=False)
+    for step in range(6):
+        for ps in (ours, theirs):
+            set_grads(ps, step)
+            if step % 2:
+                ps[1].grad = None
+        opt.step()
+        ref.step()
+    assert float(opt.state[ours[0]]["step"]) == 6 and float(opt.state[ours[1]]["step"]) == 3
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **PARITY_TOL[torch.float64])

@@ -221,3 +221,15 @@ def test_gradgradcheck(cpu_backend, rows, cols, b, density, has_bias):
         return sk.ops.block_sparse_linear(x, values, layout, *bias, backend=cpu_backend)
 
     assert torch.autograd.gradgradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_deterministic(cpu_backend):
+    """Same inputs, bit-identical forward and gradients (needed for bit-identical resume)."""
+    case = (300, 260, 32, 0.5, (40,), True)
+    results = []
+    for _ in range(2):
+        layout, values, x, bias, dy = make_inputs(case, torch.float32, seed=3)
+        y = run_linear(layout, values, x, bias, dy, cpu_backend)
+        results.append((y.detach(), x.grad, values.grad, bias.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
