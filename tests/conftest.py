@@ -155,3 +155,18 @@ def poison_alloc(monkeypatch):
 
         monkeypatch.setattr(owner, name, poisoned)
     yield
+
+
+# Backends that run on CUDA tensors ("torch" serves any device).
+CUDA_BACKENDS = ("triton", "cuda", "torch")
+
+
+def require_cuda_backend(name: str, op: str, dtype: torch.dtype) -> torch.device:
+    """Skip, with the reason, unless backend ``name`` can run ``op`` on CUDA tensors of ``dtype``."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    device = torch.device("cuda")
+    reasons = backends.unsupported_reasons(name, op, device, dtype)
+    if reasons:
+        pytest.skip(f"backend {name!r} cannot run {op} on cuda {dtype}: {'; '.join(reasons)}")
+    return device

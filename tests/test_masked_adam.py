@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import set_kernels as sk
-from conftest import gen, randn
+from conftest import CUDA_BACKENDS, gen, randn, require_cuda_backend
 
 MaskedAdam = sk.optim.MaskedAdam
 SHAPES = [(37, 13), (5,), (4, 3, 2), (64,)]
@@ -372,3 +372,22 @@ def test_params_at_different_step_counts(cpu_backend):
     assert float(opt.state[ours[0]]["step"]) == 6 and float(opt.state[ours[1]]["step"]) == 3
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, **PARITY_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_op_cuda_matches_readable_reference(name, dtype):
+    device = require_cuda_backend(name, "masked_adam_", dtype)
+    cpu = adam_inputs(dtype, moment_dtype=torch.float32)
+    expected = [adam_reference(*t, decoupled=True, **HYPER) for t in zip(*cpu)]
+    params, grads, exp_avgs, exp_avg_sqs, masks = ([t.to(device) if t is not None else None for t in ts] for ts in cpu)
+    sk.ops.masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, decoupled_weight_decay=True, backend=name,
+                        **HYPER)
+    p_tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=torch.finfo(dtype).eps, atol=1e-4)
+    for (p_ref, m_ref, v_ref), p, m, v, mask in zip(expected, params, exp_avgs, exp_avg_sqs, masks):
+        torch.testing.assert_close(p.cpu().double(), p_ref, **p_tol)
+        torch.testing.assert_close(m.cpu().double(), m_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.cpu().double(), v_ref, rtol=1e-5, atol=1e-6)
+        if mask is not None:
+            for t in (p, m, v):
+                assert torch.equal(t[~mask].cpu(), torch.zeros_like(t[~mask].cpu()))

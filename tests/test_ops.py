@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import set_kernels as sk
-from conftest import (TOL, assert_close_scaled, dense_ref, edge_mask_ref, gen, linear_ref, randn,
-                      require_backend)
+from conftest import (CUDA_BACKENDS, TOL, assert_close_scaled, dense_ref, edge_mask_ref, gen, linear_ref, randn,
+                      require_backend, require_cuda_backend)
 
 BSL = sk.BlockSparseLayout
 
@@ -233,3 +233,41 @@ def test_deterministic(cpu_backend):
         results.append((y.detach(), x.grad, values.grad, bias.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- CUDA tensors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[4], CASES[5], CASES[9]], ids=case_id)
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_linear_cuda_matches_fp64_reference(name, dtype, case):
+    """Same checks on CUDA tensors; fp16/bf16 within 2x torch's own (cuBLAS) error + one ulp of scale."""
+    device = require_cuda_backend(name, "bsmm_dsd", dtype)
+    for op in ("bsmm_dds", "bsmm_sdd"):
+        require_cuda_backend(name, op, dtype)
+    layout, values, x, bias, dy = make_inputs(case, torch.float64, seed=20)
+    scale = 0.25 if dtype != torch.float32 else 1.0
+    values = (values.detach() * scale).to(device, dtype).requires_grad_()
+    x = (x.detach() * scale).to(device, dtype).requires_grad_()
+    bias = bias.detach().to(device, dtype).requires_grad_() if bias is not None else None
+    dy = dy.to(device, dtype)
+    y = run_linear(layout.to(device), values, x, bias, dy, name)
+    cpu = [t.detach().cpu() if t is not None else None for t in (x, values, bias, dy)]
+    ref = linear_ref(cpu[0], cpu[1], layout, cpu[2], cpu[3])
+    outside = ~edge_mask_ref(layout)
+    assert torch.equal(values.grad.cpu()[outside], torch.zeros_like(values.grad.cpu()[outside])), "dW beyond edges"
+    got = (y, x.grad, values.grad)
+    if dtype == torch.float32:
+        for what, g, r in zip(("forward", "dX", "dW"), got, ref[:3]):
+            assert_close_scaled(g.cpu(), r, TOL[dtype], what)
+        return
+    w = dense_ref(cpu[1], layout).to(device, dtype)
+    x2, dy2 = x.detach().reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    own = (torch.nn.functional.linear(x2, w, None if bias is None else bias.detach()), dy2 @ w,
+           _blocks((dy2.T @ x2).cpu(), layout))
+    eps = torch.finfo(dtype).eps
+    for what, g, r, o in zip(("forward", "dX", "dW"), got, ref[:3], own):
+        r = r.reshape(g.shape)
+        err = (g.detach().cpu().double() - r).abs().max().item() if r.numel() else 0.0
+        own_err = (o.detach().cpu().double().reshape(r.shape) - r).abs().max().item() if r.numel() else 0.0
+        slack = eps * (r.abs().max().item() if r.numel() else 0.0)
+        assert err <= 2 * own_err + slack, f"{what}: error {err:.3e} > 2 x torch's {own_err:.3e} + {slack:.1e}"
