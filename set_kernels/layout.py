@@ -202,7 +202,8 @@ class BlockSparseLayout:
             self.shape == other.shape
             and self.block_size == other.block_size
             and self._nnz == other._nnz
-            and torch.equal(self.index.cpu(), other.index.cpu())
+            and self.device == other.device
+            and (self.device.type == "meta" or torch.equal(self.index, other.index))
         )
 
     __hash__ = None

@@ -36,7 +36,10 @@ def load(name: str):
     """The backend module, or None when it is not part of this installation."""
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            mod = importlib.import_module(_MODULES[name])
+            if not callable(getattr(mod, "availability", None)):  # e.g. an empty namespace folder
+                raise ImportError(f"{_MODULES[name]} defines no availability()")
+            _loaded[name] = mod
         except ImportError as exc:  # a backend missing from this build
             _loaded[name] = exc
     mod = _loaded[name]

@@ -47,6 +47,11 @@ class MaskedLinear(torch.nn.Module):
         if self.bias is not None:
             self.bias.uniform_(-bound, bound, generator=generator)
 
+    def __setstate__(self, state) -> None:
+        # deepcopy and unpickling build a new weight: register the copy's own mask for it.
+        super().__setstate__(state)
+        _tag_masked_param(self.weight, self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
 
@@ -73,14 +78,19 @@ class MaskedLinear(torch.nn.Module):
                 f"bias={self.bias is not None}, density={density:.4f}")
 
 
+# id(weight) -> the MaskedLinear that owns it. MaskedAdam looks the mask up here at every step, so
+# it follows the module's current mask buffer (after .to(), load_state_dict or a topology update).
+# Weak values: an entry goes with its module; nothing is stored on the parameter itself, so
+# modules stay picklable and deep-copyable.
+_MASK_OWNERS: "weakref.WeakValueDictionary[int, MaskedLinear]" = weakref.WeakValueDictionary()
+
+
 def _tag_masked_param(param: torch.nn.Parameter, module: MaskedLinear) -> None:
-    # MaskedAdam reads the mask through this weak reference at every step, so it follows the
-    # module's current mask buffer (after .to(), load_state_dict or a topology update).
-    param._set_kernels_mask_owner = weakref.ref(module)
+    _MASK_OWNERS[id(param)] = module
 
 
 def mask_of(param: torch.Tensor):
     """The current mask of a ``MaskedLinear`` weight, or None for any other tensor."""
-    owner = getattr(param, "_set_kernels_mask_owner", None)
-    module = owner() if owner is not None else None
-    return None if module is None or module.weight is not param else module.mask
+    module = _MASK_OWNERS.get(id(param))
+    # The identity check guards against a reused id after the original weight was replaced.
+    return module.mask if module is not None and module.weight is param else None

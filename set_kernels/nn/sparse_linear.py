@@ -50,7 +50,7 @@ class SparseLinear(torch.nn.Module):
         self.backend = backend
         self._set_layout_buffers(layout)
         self.reset_parameters(generator=generator)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_layout_cache())
+        self.register_load_state_dict_post_hook(SparseLinear._drop_layout_cache)
 
     def _set_layout_buffers(self, layout: BlockSparseLayout) -> None:
         self.register_buffer("row_ptr", layout.row_ptr.clone())
@@ -58,8 +58,10 @@ class SparseLinear(torch.nn.Module):
         self._layout = layout
         self._layout_key = (self.row_ptr, self.col_idx)
 
-    def _drop_layout_cache(self) -> None:
-        self._layout = None
+    @staticmethod
+    def _drop_layout_cache(module, incompatible_keys=None) -> None:
+        # load_state_dict copies into the same buffers; the cached layout must be rebuilt.
+        module._layout = None
 
     @property
     def layout(self) -> BlockSparseLayout:

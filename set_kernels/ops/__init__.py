@@ -133,6 +133,10 @@ def _check_hyper(step, lr, beta1, beta2, eps, weight_decay):
             raise ValueError(f"{name}: expected a value in [{lo}, {hi}), got {value}")
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
 def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1, beta2, eps,
                  weight_decay=0.0, decoupled_weight_decay=False, grad_scale=None, found_inf=None,
                  backend=None) -> None:
@@ -168,7 +172,7 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
     for name, idx in groups.items():  # one fused call per backend (usually exactly one)
         _library.masked_adam_(
             [params[i] for i in idx], [grads[i].contiguous() for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [masks[i] for i in idx], grad_scale, found_inf, step,
+            [exp_avg_sqs[i] for i in idx], [_contiguous(masks[i]) for i in idx], grad_scale, found_inf, step,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled_weight_decay), name,
         )
