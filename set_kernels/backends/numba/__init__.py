@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 
@@ -72,6 +73,38 @@ def _load():
 
 _NO_MASK = torch.empty(0, dtype=torch.uint8)
 
+# Scratch for the re-laid-out operands is carved from one buffer per thread and kept between
+# calls (when at most this many bytes): a fresh multi-MB allocation costs a page fault per 4 KiB
+# when first written, which measured up to a third of a 4096 x 4096 call.
+WORKSPACE_CACHE_BYTES = 256 << 20
+_tls = threading.local()
+
+
+def release_workspace() -> None:
+    """Free this thread's cached scratch buffer."""
+    _tls.buf = None
+
+
+def _scratch(dtype, *shapes):
+    """Uninitialised numpy arrays of ``shapes`` (64-byte aligned), from the per-thread buffer."""
+    import numpy as np
+
+    item = np.dtype(dtype).itemsize
+    counts = [math.prod(s) for s in shapes]
+    sizes = [-(-n * item // 64) * 64 for n in counts]
+    total = sum(sizes) + 64
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.nbytes < total:
+        buf = np.empty(total, dtype=np.uint8)
+        if total <= WORKSPACE_CACHE_BYTES:
+            _tls.buf = buf
+    off = (-buf.ctypes.data) % 64
+    out = []
+    for shape, n, size in zip(shapes, counts, sizes):
+        out.append(buf[off:off + n * item].view(dtype).reshape(shape))
+        off += size
+    return out
+
 
 def _np(t: torch.Tensor):
     return t.detach().numpy()
@@ -104,8 +137,10 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
         bias_np, has_bias = _np(values).reshape(-1)[:0], False
     else:
         bias_np, has_bias = _np(bias), True
-    bsmm.dsd(_np(x), _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
-             bsmm.token_tile(b), bsmm.K_CHUNK)
+    xn = _np(x)
+    (xb,) = _scratch(xn.dtype, (-(-cols // b), M, b))
+    bsmm.dsd(xn, _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
+             bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(cols, b, xn.itemsize), xb)
     return y
 
 
@@ -122,8 +157,10 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
         return dx.zero_()
     for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm")):
         _check_index(t, name)
-    bsmm.dds(_np(dy), _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
-             bsmm.token_tile(b), bsmm.K_CHUNK)
+    dyn = _np(dy)
+    (dyb,) = _scratch(dyn.dtype, (-(-rows // b), M, b))
+    bsmm.dds(dyn, _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
+             bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(rows, b, dyn.itemsize), dyb)
     return dx
 
 
@@ -140,7 +177,10 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -
         return dv.zero_()
     _check_index(block_row, "block_row")
     _check_index(col_idx, "col_idx")
-    bsmm.sdd(_np(dy), _np(x), _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK)
+    dyn, xn = _np(dy), _np(x)
+    M = dyn.shape[0]
+    dyt, xt = _scratch(dyn.dtype, (-(-rows // b), b, M), (-(-cols // b), b, M))
+    bsmm.sdd(dyn, xn, _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK, dyt, xt)
     return dv
 
 

@@ -40,18 +40,24 @@ def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale):
     p_factor = hp[HP_P_FACTOR]
     g_wd = hp[HP_G_WD]
     scale = hp[HP_GRAD_SCALE]
-    zero = hp[0] * 0
+    zero = hp.dtype.type(0)
     nchunk = (n + CHUNK - 1) // CHUNK
     for c in prange(nchunk):
         start = c * CHUNK
         stop = min(n, start + CHUNK)
+        # 1-D views indexed from 0 (an index numba knows is non-negative vectorises).
+        pc = p[start:stop]
+        gc = g[start:stop]
+        mc = m[start:stop]
+        vc = v[start:stop]
         if has_mask:
-            for i in range(start, stop):
-                live = mask[i] != 0
-                p0 = p[i]
-                m0 = m[i]
-                v0 = v[i]
-                gi = g[i] if live else zero
+            kc = mask[start:stop]
+            for i in range(stop - start):
+                live = kc[i] != 0
+                p0 = pc[i]
+                m0 = mc[i]
+                v0 = vc[i]
+                gi = gc[i] if live else zero
                 if has_scale:
                     gi = gi / scale
                 pi = p0 * p_factor
@@ -61,29 +67,25 @@ def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale):
                 vi = beta2 * v0 + omb2 * (gi * gi)
                 denom = np.sqrt(vi) / bc2_sqrt + eps
                 pi = pi - step_size * (mi / denom)
-                if live:
-                    p[i] = pi
-                    m[i] = mi
-                    v[i] = vi
-                else:
-                    if p0 != 0:
-                        p[i] = zero
-                    if m0 != 0:
-                        m[i] = zero
-                    if v0 != 0:
-                        v[i] = zero
+                # Store a masked entry only when it is not 0 already (keeps its line clean).
+                if live or p0 != 0:
+                    pc[i] = pi if live else zero
+                if live or m0 != 0:
+                    mc[i] = mi if live else zero
+                if live or v0 != 0:
+                    vc[i] = vi if live else zero
         else:
-            for i in range(start, stop):
-                gi = g[i]
+            for i in range(stop - start):
+                gi = gc[i]
                 if has_scale:
                     gi = gi / scale
-                pi = p[i] * p_factor
+                pi = pc[i] * p_factor
                 if coupled_wd:
                     gi = gi + g_wd * pi
-                m0 = m[i]
+                m0 = mc[i]
                 mi = m0 + omb1 * (gi - m0)
-                vi = beta2 * v[i] + omb2 * (gi * gi)
+                vi = beta2 * vc[i] + omb2 * (gi * gi)
                 denom = np.sqrt(vi) / bc2_sqrt + eps
-                p[i] = pi - step_size * (mi / denom)
-                m[i] = mi
-                v[i] = vi
+                pc[i] = pi - step_size * (mi / denom)
+                mc[i] = mi
+                vc[i] = vi
