@@ -35,7 +35,7 @@ def _set_cache_dir() -> None:
 
 _set_cache_dir()
 
-_kernels = None  # (bsmm, adam) modules once imported
+_kernels = None  # (bsmm, adam, numba) modules once imported
 _import_error = None  # why numba cannot be used, once known
 
 
@@ -65,10 +65,24 @@ def _load():
         ok, why = availability()
         if not ok:
             raise RuntimeError(f"the numba backend is not available: {why}")
+        import numba
+
+        # numba reads $NUMBA_CACHE_DIR when first imported: if that happened before this module
+        # set it, pass it on (the kernels' caches are located when they are defined, below).
+        if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
+            numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
         from . import adam, bsmm
 
-        _kernels = (bsmm, adam)
+        _kernels = (bsmm, adam, numba)
+    _sync_threads(_kernels[2])
     return _kernels
+
+
+def _sync_threads(numba) -> None:
+    # Use as many threads as torch does (torch.set_num_threads), within numba's pool size.
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
 
 
 _NO_MASK = torch.empty(0, dtype=torch.uint8)
@@ -118,7 +132,7 @@ def _check_index(t: torch.Tensor, name: str) -> None:
 
 def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None)."""
-    bsmm, _ = _load()
+    bsmm = _load()[0]
     b = int(block_size)
     rows, cols = int(rows), int(cols)
     M = x.shape[0]
@@ -146,7 +160,7 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
 
 def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W``, through the transposed (CSC) index."""
-    bsmm, _ = _load()
+    bsmm = _load()[0]
     b = int(block_size)
     rows, cols = int(rows), int(cols)
     M = dy.shape[0]
@@ -166,7 +180,7 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
 
 def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Weight gradient on the live blocks: ``dv (nnz, b, b)``, ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``."""
-    bsmm, _ = _load()
+    bsmm = _load()[0]
     b = int(block_size)
     rows, cols = int(rows), int(cols)
     nnz = block_row.shape[0]
@@ -195,7 +209,7 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: 
     (sqrt(v) / sqrt(1 - beta2**step) + eps)``; in fp32 (fp64 for fp64 params). Nothing changes
     when ``found_inf`` is given and non-zero.
     """
-    _, adam = _load()
+    adam = _load()[1]
     if found_inf is not None and float(found_inf.item()) != 0:
         return
     n = len(params)
@@ -220,6 +234,9 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: 
     hp_values[adam.HP_GRAD_SCALE] = scale
     hps = {}
     coupled = wd != 0 and not decoupled
+    # The masked kernel feeds masked entries through the update as zeros, which gives exactly 0
+    # unless eps == 0 (0/0) or the grad scale is 0 or not finite; then zero them afterwards.
+    refill = eps == 0 or not (math.isfinite(scale) and scale != 0)
     for p, g, m, v, mask in zip(params, grads, exp_avgs, exp_avg_sqs, masks):
         if p.numel() == 0:
             continue
@@ -234,4 +251,9 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: 
         else:
             mask_np, has_mask = _np(mask.view(torch.uint8)).reshape(-1), True
         adam.adam_step(_np(p).reshape(-1), _np(g).reshape(-1), _np(m).reshape(-1), _np(v).reshape(-1), mask_np,
-                       has_mask, hps[acc], coupled, grad_scale is not None)
+                       has_mask, hps[acc], coupled, grad_scale is not None, adam.RUN)
+        if has_mask and refill:
+            with torch.no_grad():
+                dead = ~mask
+                for t in (p, m, v):
+                    t.masked_fill_(dead, 0)

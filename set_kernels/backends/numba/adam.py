@@ -4,18 +4,19 @@ One pass over ``p, g, m, v`` (and the mask), in parallel over chunks of the flat
 The math is torch.optim.Adam's (see :func:`set_kernels.backends.numba.masked_adam_`), done in
 the dtype of the hyper-parameter array ``hp`` (fp32 for fp32 params, fp64 for fp64 params).
 
-Masked entries are written as 0 only where they are not 0 already: after the first step the
-pruned part of p, m and v is all zeros, so those cache lines are only read, never dirtied, which
-saves a third of the memory traffic on a sparse weight. (A -0.0 is left as it is; it compares
-equal to 0.)
+Masked entries come out as exactly 0. Runs of entries that are all masked (most of a block-sparse
+weight) skip the arithmetic and are written only where not 0 already: after the first step the
+pruned part of p, m and v is all zeros, so those cache lines are read but never dirtied.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-# Elements per parallel work item.
+# Elements per parallel work item (a multiple of RUN).
 CHUNK = 1 << 14
+# Elements per all-masked test in the masked kernel: one 32-wide block row segment.
+RUN = 32
 
 # Layout of the hyper-parameter array hp (compute dtype):
 HP_BETA1, HP_1M_BETA1, HP_BETA2, HP_1M_BETA2, HP_STEP_SIZE, HP_BC2_SQRT, HP_EPS, HP_P_FACTOR, HP_G_WD, \
@@ -23,12 +24,33 @@ HP_BETA1, HP_1M_BETA1, HP_BETA2, HP_1M_BETA2, HP_STEP_SIZE, HP_BC2_SQRT, HP_EPS,
 HP_SIZE = 10
 
 
+@njit(inline="always", fastmath=True)
+def _update(p0, g0, m0, v0, omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor, g_wd, scale, coupled_wd,
+            has_scale):
+    """One element of the Adam step: (new p, new m, new v)."""
+    gi = g0
+    if has_scale:
+        gi = gi / scale
+    pi = p0 * p_factor
+    if coupled_wd:
+        gi = gi + g_wd * pi
+    mi = m0 + omb1 * (gi - m0)
+    vi = beta2 * v0 + omb2 * (gi * gi)
+    denom = np.sqrt(vi) / bc2_sqrt + eps
+    return pi - step_size * (mi / denom), mi, vi
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale):
+def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale, run):
     """In-place Adam step on the flat arrays p, g, m, v; mask (uint8, flat) used when has_mask.
 
     ``coupled_wd``: add ``hp[HP_G_WD] * p`` to the gradient (Adam's L2 weight decay);
     ``hp[HP_P_FACTOR]`` multiplies p first (1 - lr * wd for AdamW, else 1).
+
+    Masked: the arrays are walked in runs of RUN elements. A run with no live entry (most of a
+    block-sparse mask) skips the arithmetic and only zeroes state that is not 0 yet, so after the
+    first step its p, m, v lines are read but never written back. Other runs do the full update
+    with branch-free selects.
     """
     n = p.shape[0]
     omb1 = hp[HP_1M_BETA1]
@@ -43,49 +65,58 @@ def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale):
     zero = hp.dtype.type(0)
     nchunk = (n + CHUNK - 1) // CHUNK
     for c in prange(nchunk):
-        start = c * CHUNK
-        stop = min(n, start + CHUNK)
-        # 1-D views indexed from 0 (an index numba knows is non-negative vectorises).
-        pc = p[start:stop]
-        gc = g[start:stop]
-        mc = m[start:stop]
-        vc = v[start:stop]
+        # Index with unsigned integers and take no views of the arrays here: numba then neither
+        # tests for negative (wrap-around) indices nor sees aliases, so it marks the arrays
+        # noalias and LLVM vectorises the loops (a view anywhere in the body loses that).
+        first = c * CHUNK
+        count = min(n, first + CHUNK) - first
+        base = np.uint64(first)
         if has_mask:
-            kc = mask[start:stop]
-            for i in range(stop - start):
-                live = kc[i] != 0
-                p0 = pc[i]
-                m0 = mc[i]
-                v0 = vc[i]
-                gi = gc[i] if live else zero
-                if has_scale:
-                    gi = gi / scale
-                pi = p0 * p_factor
-                if coupled_wd:
-                    gi = gi + g_wd * pi
-                mi = m0 + omb1 * (gi - m0)
-                vi = beta2 * v0 + omb2 * (gi * gi)
-                denom = np.sqrt(vi) / bc2_sqrt + eps
-                pi = pi - step_size * (mi / denom)
-                # Store a masked entry only when it is not 0 already (keeps its line clean).
-                if live or p0 != 0:
-                    pc[i] = pi if live else zero
-                if live or m0 != 0:
-                    mc[i] = mi if live else zero
-                if live or v0 != 0:
-                    vc[i] = vi if live else zero
+            nrun = count // run
+            for r in range(nrun):
+                b0 = base + np.uint64(r * run)
+                n_live = 0
+                for j in range(run):
+                    n_live += mask[b0 + np.uint64(j)]
+                if n_live == 0:
+                    # All masked: nothing to compute; write only state that is not 0 yet.
+                    mag = zero
+                    for j in range(run):
+                        i = b0 + np.uint64(j)
+                        mag += abs(p[i]) + abs(m[i]) + abs(v[i])
+                    if mag != 0:
+                        for j in range(run):
+                            i = b0 + np.uint64(j)
+                            p[i] = zero
+                            m[i] = zero
+                            v[i] = zero
+                    continue
+                # Masked entries enter as p = g = m = v = 0, for which the update gives exactly 0
+                # (selecting the inputs keeps the loop branch-free).
+                for j in range(run):
+                    i = b0 + np.uint64(j)
+                    live = mask[i] != 0
+                    pn, mn, vn = _update(p[i] if live else zero, g[i] if live else zero, m[i] if live else zero,
+                                         v[i] if live else zero, omb1, beta2, omb2, step_size, bc2_sqrt, eps,
+                                         p_factor, g_wd, scale, coupled_wd, has_scale)
+                    p[i] = pn
+                    m[i] = mn
+                    v[i] = vn
+            b0 = base + np.uint64(nrun * run)
+            for j in range(count - nrun * run):
+                i = b0 + np.uint64(j)
+                live = mask[i] != 0
+                pn, mn, vn = _update(p[i] if live else zero, g[i] if live else zero, m[i] if live else zero,
+                                     v[i] if live else zero, omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor,
+                                     g_wd, scale, coupled_wd, has_scale)
+                p[i] = pn
+                m[i] = mn
+                v[i] = vn
         else:
-            for i in range(stop - start):
-                gi = gc[i]
-                if has_scale:
-                    gi = gi / scale
-                pi = pc[i] * p_factor
-                if coupled_wd:
-                    gi = gi + g_wd * pi
-                m0 = mc[i]
-                mi = m0 + omb1 * (gi - m0)
-                vi = beta2 * vc[i] + omb2 * (gi * gi)
-                denom = np.sqrt(vi) / bc2_sqrt + eps
-                pc[i] = pi - step_size * (mi / denom)
-                mc[i] = mi
-                vc[i] = vi
+            for j in range(count):
+                i = base + np.uint64(j)
+                pn, mn, vn = _update(p[i], g[i], m[i], v[i], omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor,
+                                     g_wd, scale, coupled_wd, has_scale)
+                p[i] = pn
+                m[i] = mn
+                v[i] = vn
