@@ -18,7 +18,9 @@ Design (the speed comes from four things):
 * **Inner loops index 1-D views with a ``range(n)`` counter.** Numba wraps negative indices;
   an index such as ``q0 + q`` may be negative as far as it knows, and the wrap-around test
   turns the vectorised loads into gathers (4x slower). Slicing first keeps the index provably
-  non-negative.
+  non-negative. (Views inside a ``prange`` body make numba drop ``noalias`` on the arrays; that
+  is harmless here because the hot loops only load. The Adam kernel, whose hot loop stores to
+  three arrays, uses unsigned indices instead.)
 * **Parallel over independent outputs** (``prange``): block rows (forward), block columns (dX,
   through the transposed index, so no atomics) and live blocks (dW).
 
