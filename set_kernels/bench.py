@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,40 +34,41 @@ def _interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _linear_rows(features: int, tokens: int, block_size: int, densities, repeats: int, backend):
+def _linear_rows(features: int, tokens: int, block_size: int, density: float, repeats: int, backend):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, features, generator=gen)
     weight = torch.randn(features, features, generator=gen) / features**0.5
     rows = []
-    for density in densities:
-        layout = BlockSparseLayout.random(features, features, block_size, density, generator=gen)
-        values = ops.from_dense(weight, layout)
+    layout = BlockSparseLayout.random(features, features, block_size, density, generator=gen)
+    values = ops.from_dense(weight, layout)
+    with warnings.catch_warnings():  # torch warns that BSR support is in beta
+        warnings.simplefilter("ignore")
         wbsr = ops.to_dense(values, layout).to_sparse_bsr((block_size, block_size))
-        xs = x.clone().requires_grad_(True)
-        vs = values.clone().requires_grad_(True)
-        xd = x.clone().requires_grad_(True)
-        wd = weight.clone().requires_grad_(True)
-        dy = torch.randn(tokens, features, generator=gen)
+    xs = x.clone().requires_grad_(True)
+    vs = values.clone().requires_grad_(True)
+    xd = x.clone().requires_grad_(True)
+    wd = weight.clone().requires_grad_(True)
+    dy = torch.randn(tokens, features, generator=gen)
 
-        def sparse_fwd():
-            with torch.no_grad():
-                ops.block_sparse_linear(x, values, layout, backend=backend)
+    def sparse_fwd():
+        with torch.no_grad():
+            ops.block_sparse_linear(x, values, layout, backend=backend)
 
-        def sparse_step():
-            ops.block_sparse_linear(xs, vs, layout, backend=backend).backward(dy)
+    def sparse_step():
+        ops.block_sparse_linear(xs, vs, layout, backend=backend).backward(dy)
 
-        def dense_step():
-            F.linear(xd, wd).backward(dy)
+    def dense_step():
+        F.linear(xd, wd).backward(dy)
 
-        t = _interleaved_medians({
-            "sparse": sparse_fwd, "dense": lambda: F.linear(x, weight), "bsr": lambda: (wbsr @ x.T).T,
-            "sparse_step": sparse_step, "dense_step": dense_step,
-        }, repeats)
-        for op, s, d in (("forward", "sparse", "dense"), ("fwd+dX+dW", "sparse_step", "dense_step")):
-            rows.append(dict(op=op, shape=f"{tokens}x{features}x{features}", block=block_size, density=density,
-                             t_sparse_ms=t[s] * 1e3, t_dense_ms=t[d] * 1e3, speedup=t[d] / t[s],
-                             E=density * t[d] / t[s],
-                             vs_torch_bsr=(t["bsr"] / t[s]) if op == "forward" else float("nan")))
+    t = _interleaved_medians({
+        "sparse": sparse_fwd, "dense": lambda: F.linear(x, weight), "bsr": lambda: (wbsr @ x.T).T,
+        "sparse_step": sparse_step, "dense_step": dense_step,
+    }, repeats)
+    for op, s, d in (("forward", "sparse", "dense"), ("fwd+dX+dW", "sparse_step", "dense_step")):
+        rows.append(dict(op=op, shape=f"{tokens}x{features}x{features}", block=block_size, density=density,
+                         t_sparse_ms=t[s] * 1e3, t_dense_ms=t[d] * 1e3, speedup=t[d] / t[s],
+                         E=density * t[d] / t[s],
+                         vs_torch_bsr=(t["bsr"] / t[s]) if op == "forward" else float("nan")))
     return rows
 
 
@@ -86,10 +88,12 @@ def _adam_row(features: int, density: float, repeats: int, backend):
         ops.masked_adam_([p1], [g], [m1], [v1], [mask], step=step[0], lr=1e-3, beta1=0.9, beta2=0.999,
                          eps=1e-8, backend=backend)
 
+    fmask = mask.float()  # multiplying by a float mask is torch's fastest way to apply it
+
     def dense():
-        p2.grad.mul_(mask)
+        p2.grad.mul_(fmask)
         torch_adam.step()
-        p2.data.mul_(mask)
+        p2.data.mul_(fmask)
 
     t = _interleaved_medians({"sparse": sparse, "dense": dense}, repeats)
     return dict(op="masked_adam", shape=f"{features}x{features}", block=0, density=density,
@@ -103,7 +107,7 @@ def run_quick(features: int = 4096, tokens: int = 512, block_size: int = 32, den
     rows = []
     for density in densities:
         progress(f"  block_sparse_linear density={density} ...")
-        rows += _linear_rows(features, tokens, block_size, (density,), repeats, backend)
+        rows += _linear_rows(features, tokens, block_size, density, repeats, backend)
     progress("  masked_adam ...")
     rows.append(_adam_row(features, 0.1, repeats, backend))
     return rows
