@@ -414,3 +414,12 @@ def test_adam_checks_everything_before_updating_anything():
         sk.ops.masked_adam_(p, g, m, v, masks, **HYPER)
     for t, b in zip(p + m + v, before):
         assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sk.nn.SparseLinear(64, 64, backend="cuda-fast"),
+    lambda: sk.optim.MaskedAdam([torch.nn.Parameter(torch.randn(3))], backend="gpu"),
+])
+def test_unknown_backend_name_at_construction(make):
+    with pytest.raises(ValueError, match="backend"):
+        make()

@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from .._checks import check_block_size, check_fraction, check_int
+from .. import backends, ops
+from .._checks import check_block_size, check_choice, check_fraction, check_int
 from ..layout import BlockSparseLayout
 
 
@@ -47,6 +47,8 @@ class SparseLinear(torch.nn.Module):
         b = block_size
         self.values = torch.nn.Parameter(torch.empty(layout.nnz_blocks, b, b, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        if backend is not None:
+            check_choice("backend", backend, backends.BACKENDS + ("auto",))
         self.backend = backend
         self._set_layout_buffers(layout)
         self.reset_parameters(generator=generator)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends, ops
-from .._checks import check_tensor
+from .._checks import check_choice, check_tensor
 from ..nn.masked_linear import mask_of
 
 
@@ -26,8 +26,8 @@ class MaskedAdam(torch.optim.Optimizer):
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
         # Reuse the op's checks for the hyper-parameters, so errors read the same everywhere.
         ops._check_hyper(1, lr, betas[0], betas[1], eps, weight_decay)
-        if backend is not None and backend not in backends.BACKENDS + ("auto",):
-            raise ValueError(f"backend: expected one of {backends.BACKENDS + ('auto',)} or None, got {backend!r}")
+        if backend is not None:
+            check_choice("backend", backend, backends.BACKENDS + ("auto",))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=bool(decoupled_weight_decay))
         super().__init__(params, defaults)
