@@ -218,9 +218,7 @@ class BlockSparseLayout:
 def _check_shape(shape) -> tuple[int, int]:
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
         raise ValueError(f"shape: expected (rows, cols), got {shape!r}")
-    rows = check_int("rows", shape[0], minimum=1) if not isinstance(shape[0], torch.SymInt) else shape[0]
-    cols = check_int("cols", shape[1], minimum=1) if not isinstance(shape[1], torch.SymInt) else shape[1]
-    return rows, cols
+    return check_int("rows", shape[0], minimum=1), check_int("cols", shape[1], minimum=1)
 
 
 def _check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_rows: int, n_cols: int) -> None:

@@ -5,16 +5,11 @@ The float64 oracle here is written from scratch with plain loops and dense torch
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-# Keep numba's on-disk JIT cache in the (git-ignored) repo folder, set before numba is imported.
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                      ".numba_cache"))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from set_kernels import backends  # noqa: E402
+# (set_kernels.backends.numba points $NUMBA_CACHE_DIR at the repo's ignored .numba_cache itself.)
+from set_kernels import backends
 
 # CPU backends that every CPU installation must have: unavailable => the tests FAIL.
 REQUIRED_CPU_BACKENDS = ("torch", "numba")

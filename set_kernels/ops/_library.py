@@ -81,10 +81,10 @@ def _(dy, values, index, rows, cols, block_size, backend):
     return dy.new_empty(dy.shape[0], cols)
 
 
-def _dds_setup(ctx, inputs, output):
-    dy, values, index, rows, cols, block_size, backend = inputs
-    ctx.save_for_backward(dy, values, index)
-    ctx.meta = (rows, cols, block_size, backend)
+def _save_operands(ctx, inputs, output):
+    """setup_context of bsmm_dds and bsmm_sdd: ``(a, b, index, rows, cols, block_size, backend)``."""
+    ctx.save_for_backward(*inputs[:3])
+    ctx.meta = tuple(inputs[3:])
 
 
 def _dds_backward(ctx, dz):
@@ -99,7 +99,7 @@ def _dds_backward(ctx, dz):
     return dg, dv, None, None, None, None, None
 
 
-bsmm_dds.register_autograd(_dds_backward, setup_context=_dds_setup)
+bsmm_dds.register_autograd(_dds_backward, setup_context=_save_operands)
 
 
 # ------------------------------------------------------------------------------ weight gradient
@@ -117,12 +117,6 @@ def _(dy, x, index, rows, cols, block_size, backend):
     return dy.new_empty(nnz, block_size, block_size)
 
 
-def _sdd_setup(ctx, inputs, output):
-    g, x, index, rows, cols, block_size, backend = inputs
-    ctx.save_for_backward(g, x, index)
-    ctx.meta = (rows, cols, block_size, backend)
-
-
 def _sdd_backward(ctx, ds):
     g, x, index = ctx.saved_tensors
     rows, cols, b, backend = ctx.meta
@@ -135,7 +129,7 @@ def _sdd_backward(ctx, ds):
     return dg, dx, None, None, None, None, None
 
 
-bsmm_sdd.register_autograd(_sdd_backward, setup_context=_sdd_setup)
+bsmm_sdd.register_autograd(_sdd_backward, setup_context=_save_operands)
 
 
 # ---------------------------------------------------------------------- dense <-> block values
