@@ -33,6 +33,12 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from . import train
+
+    return train.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="set-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +50,11 @@ def main(argv=None) -> int:
     bench.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128))
     bench.add_argument("--backend", default=None, help="auto, numba or torch (default: auto)")
     bench.set_defaults(fn=_bench)
+    train = sub.add_parser("train", help="train the SET-MLP on Fashion-MNIST (or synthetic data)")
+    from .train import add_arguments as _train_arguments  # light: argparse only, no torch work
+
+    _train_arguments(train)
+    train.set_defaults(fn=_train)
     args = parser.parse_args(argv)
     return args.fn(args)
 
