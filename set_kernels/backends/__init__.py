@@ -22,7 +22,8 @@ _MODULES = {
     "numba": "set_kernels.backends.numba",
     "torch": "set_kernels.backends.torch_ref",
 }
-# Devices each backend can serve; "torch" serves any device torch does.
+# Devices each backend can serve; "torch" serves any device torch does. A backend module's own
+# ``DEVICES`` attribute wins (triton runs CPU tensors only under TRITON_INTERPRET=1, for tests).
 _DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "numba": ("cpu",), "torch": None}
 # "auto" preference per device type, fastest first.
 AUTO_ORDER = {"cpu": ("numba", "torch"), "cuda": ("triton", "cuda", "torch")}
@@ -63,7 +64,8 @@ def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.d
     mod = load(name)
     if not callable(getattr(mod, op, None)):
         reasons.append(f"it does not implement {op} yet")
-    devices = _DEVICES[name]
+    # A backend module may declare its devices itself (triton: cuda, or cpu when interpreting).
+    devices = getattr(mod, "DEVICES", _DEVICES[name])
     if devices is not None and device.type not in devices:
         reasons.append(f"it runs on {', '.join(devices)} tensors, not {device.type}")
     if dtype not in mod.SUPPORTED_DTYPES:

@@ -1,0 +1,61 @@
+"""Triton backend: block-sparse matmuls (forward, dX, dW) and the fused masked Adam/AdamW.
+
+One file per op, each holding its kernels, launcher and autotune configs:
+:mod:`.bsmm_dsd` (forward, fused bias), :mod:`.bsmm_dds` (input gradient through the transposed
+index, no atomics), :mod:`.bsmm_sdd` (weight gradient on live blocks, deterministic split-K) and
+:mod:`.masked_adam` (multi-tensor, one launch per dtype group, AMP-aware with no host sync).
+Shared flags and helpers live in :mod:`._common`.
+
+Devices: compiled kernels run CUDA tensors. With ``TRITON_INTERPRET=1`` set before triton is
+imported (the test suite does this when there is no GPU), the kernels are interpreted instead
+and run CPU tensors only; that is slow and meant for testing, so ``"auto"`` never picks this
+backend for CPU tensors.
+
+Dtypes: fp32 (exact fp32 products by default; TF32 with ``SET_KERNELS_TRITON_TF32=1`` or
+:func:`set_allow_tf32`), fp16 and bf16, accumulated in fp32. Block sizes 16, 32, 64, 128.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "triton"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:
+    from . import _common
+    from ._common import TF32_ENV_VAR, allow_tf32, set_allow_tf32  # noqa: F401
+except ImportError as exc:  # triton is not installed (or broken)
+    _common = None
+    _import_error = ("triton is not installed (pip install triton)" if getattr(exc, "name", None) == "triton"
+                     else f"triton cannot be imported: {exc}")
+except Exception as exc:  # a broken install
+    _common = None
+    _import_error = f"triton cannot be imported: {type(exc).__name__}: {exc}"
+else:
+    _import_error = ""
+
+INTERPRET = bool(_common is not None and _common.INTERPRET)
+# Devices whose tensors this backend runs (read by the dispatcher).
+DEVICES = ("cpu",) if INTERPRET else ("cuda",)
+
+if _common is not None:
+    from .bsmm_dds import bsmm_dds
+    from .bsmm_dsd import bsmm_dsd
+    from .bsmm_sdd import bsmm_sdd
+    from .masked_adam import masked_adam_
+
+
+def availability() -> tuple[bool, str]:
+    """``(True, "")`` when triton can run kernels here, else ``(False, reason)``. Never raises."""
+    if _common is None:
+        return False, _import_error
+    if INTERPRET:
+        return True, ""
+    try:
+        if not torch.cuda.is_available():
+            return False, ("no CUDA device (torch.cuda.is_available() is False); to run the kernels on CPU "
+                           "tensors in triton's interpreter (slow, for tests), set TRITON_INTERPRET=1 "
+                           "before triton is imported")
+    except Exception as exc:
+        return False, f"CUDA check failed: {type(exc).__name__}: {exc}"
+    return True, ""

@@ -1,0 +1,118 @@
+"""Shared pieces of the Triton backend: interpreter detection, flags, autotune wrapper, helpers.
+
+Importing this module imports triton (the package ``__init__`` does it inside a try, so a
+missing triton only makes the backend unavailable).
+
+**Interpreter.** With ``TRITON_INTERPRET=1`` in the environment *before triton is imported*,
+``@triton.jit`` kernels run in triton's numpy interpreter on CPU tensors instead of being
+compiled for a GPU. That is how CI tests this backend on machines without a GPU. Whether a
+kernel is interpreted is decided when it is decorated, i.e. when the op modules of this package
+are imported, so :data:`INTERPRET` is read once, here, right before they are. The interpreter
+has two known gaps this backend works around:
+
+* its bf16 ``tl.dot`` returns wrong numbers, so when interpreting every dot operand is cast to
+  fp32 first (exact: fp16/bf16 values are fp32 values, and the accumulation is fp32 anyway);
+* autotuning over several configs does not work, so each kernel gets one config there.
+
+**TF32.** fp32 matmuls use exact fp32 products (``input_precision="ieee"``) unless TF32 is
+switched on, with ``SET_KERNELS_TRITON_TF32=1`` in the environment (read at every call) or
+:func:`set_allow_tf32` (which wins over the environment variable until reset with ``None``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Whether the kernels of this package are interpreted (decided once, before they are defined).
+INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else (
+    os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"))
+
+TF32_ENV_VAR = "SET_KERNELS_TRITON_TF32"
+_tf32_override: bool | None = None
+
+
+def set_allow_tf32(allow: bool | None) -> None:
+    """Let fp32 block-sparse matmuls use TF32 tensor cores (True), forbid it (False), or go back
+    to ``$SET_KERNELS_TRITON_TF32`` (None). Default: exact fp32 products."""
+    global _tf32_override
+    if allow is not None and not isinstance(allow, bool):
+        raise TypeError(f"allow: expected a bool or None, got {type(allow).__name__}")
+    _tf32_override = allow
+
+
+def allow_tf32() -> bool:
+    """Whether fp32 matmuls may use TF32 (see :func:`set_allow_tf32`)."""
+    if _tf32_override is not None:
+        return _tf32_override
+    return os.environ.get(TF32_ENV_VAR, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on operands of ``dtype`` (only fp32 reads it)."""
+    if dtype == torch.float32 and not allow_tf32():
+        return "ieee"
+    return "tf32"
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def autotune(configs, interpreter_config, key, prune=None):
+    """``triton.autotune`` over ``configs`` (GPU) or the single ``interpreter_config``."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpreter_config], key=key)
+    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def smem_bytes(tiles_elems: int, itemsize: int, stages: int) -> int:
+    """Shared memory a software-pipelined loop of ``stages`` stages over operand tiles needs."""
+    return tiles_elems * itemsize * max(1, stages)
+
+
+# A conservative shared-memory budget for config pruning (every sm_80+ part has more).
+SMEM_BUDGET = 160 * 1024
+
+_sm_count: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a token count: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(max(1, int(n))))
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """Interpreted kernels run CPU tensors only; compiled kernels CUDA tensors only."""
+    want = "cpu" if INTERPRET else "cuda"
+    if t.device.type != want:
+        how = ("triton is interpreting (TRITON_INTERPRET=1), which runs CPU tensors only" if INTERPRET
+               else "compiled triton kernels run CUDA tensors only")
+        raise ValueError(f"{name}: expected a {want} tensor, got {t.device} ({how})")
+
+
+def check_index(t: torch.Tensor, name: str) -> None:
+    """The kernels index raw memory: catch what would otherwise read out of bounds."""
+    if t.dtype != torch.int32 or not t.is_contiguous():
+        raise TypeError(f"{name}: expected a contiguous int32 tensor, got {t.dtype}")
+
+
+def check_operand(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    if t.dtype not in TL_DTYPES:
+        raise TypeError(f"{name}: the triton backend supports float32, float16 and bfloat16, got {t.dtype}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")

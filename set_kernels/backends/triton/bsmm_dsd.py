@@ -1,0 +1,115 @@
+"""Triton forward kernel: ``y (M, rows) = x (M, cols) @ W.T + bias`` with W block-sparse (CSR).
+
+Each program owns a ``BLOCK_M x b`` output tile: ``BLOCK_M`` tokens times one output block
+(block row ``r`` of W). It walks the live blocks of that block row through ``row_ptr`` /
+``col_idx`` and accumulates ``x[tile, cols of block] @ values[e].T`` in fp32 with ``tl.dot``,
+then adds the bias and stores once. Every output element is written (a block row with no live
+block gives the bias, or 0).
+
+Edges: the input features of an edge block beyond ``cols`` are loaded as 0 from both x and the
+block (so whatever the block holds there is ignored); output features beyond ``rows`` and tokens
+beyond ``M`` are never stored.
+
+Grid order: a 1-D grid swizzled in groups of ``GROUP_M`` token tiles: consecutive programs walk
+``GROUP_M`` token tiles for one output block row, then the next block row, so a wave of
+resident programs re-reads the same few x tiles and the same block rows of W from L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+# (BLOCK_M, num_warps, num_stages); pruned per block size by shared memory below.
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
+
+
+def _prune(configs, named_args, **kwargs):
+    b = named_args["B"]
+    item = named_args["x_ptr"].element_size()
+    kept = []
+    for cfg in configs:
+        bm = cfg.kwargs["BLOCK_M"]
+        if bm * b > 128 * 128:  # fp32 accumulator beyond 128 registers per thread at 4 warps
+            continue
+        if _common.smem_bytes(bm * b + b * b, item, cfg.num_stages) > _common.SMEM_BUDGET:
+            continue
+        kept.append(cfg)
+    return kept or [configs[0]]
+
+
+@_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "HAS_BIAS"], prune=_prune)
+@triton.jit
+def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, n_out_blocks, M_BUCKET,
+                B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    width = GROUP_M * n_out_blocks
+    first_m = (pid // width) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    r = (pid % width) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, B)
+    m_ok = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * cols
+
+    e0 = tl.load(row_ptr + r)
+    e1 = tl.load(row_ptr + r + 1)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    for e in range(e0, e1):
+        c = tl.load(col_idx + e)
+        j = c * B + offs_b  # input features of this block
+        j_ok = j < cols
+        xt = tl.load(x_rows + j[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        # values[e, i, j] = W[r*B + i, c*B + j]; features past the edge read as 0.
+        w = tl.load(v_ptr + tl.cast(e, tl.int64) * (B * B) + offs_b[:, None] * B + offs_b[None, :],
+                    mask=j_ok[None, :], other=0.0)
+        if DOT_FP32:
+            xt = xt.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
+
+    i = r * B + offs_b
+    i_ok = i < rows
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * rows + i[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
+
+
+def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias``.
+
+    ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous; ``values`` ``(nnz, b, b)`` same dtype, CSR
+    order; ``row_ptr`` ``(R + 1,)`` and ``col_idx`` ``(nnz,)`` int32; ``bias`` ``(rows,)`` or None.
+    Returns ``y`` ``(M, rows)`` of x's dtype, accumulated in fp32.
+    """
+    b = int(block_size)
+    rows, cols = int(rows), int(cols)
+    _common.check_device(x, "x")
+    _common.check_operand(x, "x", x.dtype)
+    _common.check_operand(values, "values", x.dtype)
+    if bias is not None:
+        _common.check_operand(bias, "bias", x.dtype)
+    _common.check_index(row_ptr, "row_ptr")
+    _common.check_index(col_idx, "col_idx")
+    M = x.shape[0]
+    y = torch.empty(M, rows, dtype=x.dtype, device=x.device)
+    if M == 0 or rows == 0:
+        return y
+    n_out = row_ptr.numel() - 1
+    dot_fp32 = _common.INTERPRET
+    _dsd_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_out,)](
+        x, values, row_ptr, col_idx, bias if bias is not None else y, y, M, rows, cols, n_out, _common.bucket(M),
+        B=b, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=_common.dot_precision(x.dtype),
+    )
+    return y

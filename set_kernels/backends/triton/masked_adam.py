@@ -1,0 +1,217 @@
+"""Triton fused masked Adam/AdamW: one launch per (param dtype, moment dtype) group of tensors.
+
+**Multi-tensor.** The tensors of a group are described by three small int64 tables:
+``addrs (n, 5)`` (addresses of p, g, m, v and the bool mask, 0 for no mask), ``numels (n,)`` and
+``chunk_start (n + 1,)`` (prefix sums of each tensor's number of ``CHUNK``-element chunks).
+Program ``pid`` finds its tensor by a binary search over ``chunk_start`` and updates one chunk
+of it, so tensors of very different sizes share one grid with no idle programs. The addresses
+are cast to typed pointers inside the kernel (the element types are compile-time constants of
+the group). This works compiled and under the interpreter (whose CPU tensors' addresses are the
+host addresses it reads). The tables are cached by the tuple of addresses and sizes, so an
+optimizer stepping the same tensors uploads them once; a new table goes up from pinned memory
+with a non-blocking copy.
+
+**Math** (fp32, as ``torch.optim.Adam``): ``g = grad / grad_scale``; AdamW: ``p *= 1 - lr*wd``,
+Adam-L2: ``g += wd * p``; ``m += (1 - beta1) * (g - m)``; ``v = beta2 * v + (1 - beta2) * g*g``;
+``p -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)``, with IEEE
+division and square root. Where the mask is False, p, m and v become exactly 0.
+
+**AMP.** ``grad_scale`` and ``found_inf`` are read by the kernel from device memory (no host
+sync). When ``found_inf`` is non-zero, every load and store is masked off: nothing changes.
+
+No autotuning here: the kernel updates in place, and autotuning would run it several times.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+BLOCK = 1024  # elements per vector step
+ITERS = 4  # vector steps per program
+CHUNK = BLOCK * ITERS  # elements per program
+NUM_WARPS = 4
+TABLE_CACHE_SIZE = 16  # groups of tensors whose tables are kept on the device
+
+_tables: OrderedDict = OrderedDict()
+
+
+@triton.jit
+def _masked_adam_kernel(addrs, numels, chunk_start, n_tensors, scale_ptr, inf_ptr,
+                        omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor, g_wd,
+                        P_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                        COUPLED_WD: tl.constexpr, LOG_N: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    # Binary search: the tensor t with chunk_start[t] <= pid < chunk_start[t + 1].
+    lo = pid * 0
+    hi = lo + n_tensors
+    for _ in tl.static_range(LOG_N):
+        mid = (lo + hi) // 2
+        right = tl.load(chunk_start + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    t = lo.to(tl.int64)
+    chunk = pid - tl.load(chunk_start + t)
+    n = tl.load(numels + t)
+    row = addrs + t * 5
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DT))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DT))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DT))
+    mask_addr = tl.load(row + 4)
+    has_mask = mask_addr != 0
+    mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
+
+    if HAS_INF:  # nothing is loaded or stored when found_inf is set
+        n = tl.where(tl.load(inf_ptr) == 0.0, n, 0)
+    # Scalar bools are folded into the bounds (the interpreter cannot AND a scalar bool into a block).
+    n_mask = tl.where(has_mask, n, 0)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr)
+
+    base = chunk.to(tl.int64) * (BLOCK * ITERS)
+    for it in tl.static_range(ITERS):
+        offs = base + it * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        live = tl.load(mask_ptr + offs, mask=offs < n_mask, other=1) != 0
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        p = p * p_factor
+        if COUPLED_WD:
+            g = g + g_wd * p
+        m = m + omb1 * (g - m)
+        v = beta2 * v + omb2 * (g * g)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        p = tl.where(live, p, 0.0)
+        m = tl.where(live, m, 0.0)
+        v = tl.where(live, v, 0.0)
+        tl.store(p_ptr + offs, p.to(P_DT), mask=ok)
+        tl.store(m_ptr + offs, m.to(S_DT), mask=ok)
+        tl.store(v_ptr + offs, v.to(S_DT), mask=ok)
+
+
+def _device_scalar(name, t, device):
+    """A 1-element fp32 tensor on ``device`` (no host sync), or None."""
+    if t is None:
+        return None
+    if t.numel() != 1:
+        raise ValueError(f"{name}: expected a 1-element tensor, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    return t.detach().reshape(1).to(torch.float32)
+
+
+def _tables_for(key, rows, device):
+    """Device tables (addrs, numels, chunk_start) for one group, cached by ``key``."""
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    numels = [r[5] for r in rows]
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + triton.cdiv(n, CHUNK))
+    host = torch.tensor([list(r[:5]) for r in rows], dtype=torch.int64).reshape(-1)
+    host = torch.cat([host, torch.tensor(numels, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)])
+    if device.type == "cuda":
+        host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+    else:
+        dev = host
+    n = len(rows)
+    entry = (dev[:5 * n], dev[5 * n:6 * n], dev[6 * n:], starts[-1])
+    _tables[key] = entry
+    while len(_tables) > TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return entry
+
+
+def clear_table_cache() -> None:
+    """Drop the cached pointer tables."""
+    _tables.clear()
+
+
+def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1, beta2, eps,
+                 weight_decay, decoupled_weight_decay, grad_scale=None, found_inf=None) -> None:
+    """In-place fused masked Adam/AdamW over lists of tensors (one launch per dtype group).
+
+    ``params``: fp32/fp16/bf16 contiguous tensors of any shape; ``grads``: same shapes and
+    dtypes; ``exp_avgs``/``exp_avg_sqs``: same shapes, fp32 (or the param dtype), contiguous;
+    ``masks``: bool tensors of the param shapes or None. ``step`` (int >= 1) is the step count
+    after this update. ``grad_scale``/``found_inf``: optional 1-element tensors on the params'
+    device, read by the kernel. Masked entries of p, m and v become exactly 0; nothing changes
+    when ``found_inf`` is non-zero.
+    """
+    n = len(params)
+    if masks is None:
+        masks = [None] * n
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(masks) == n):
+        raise ValueError("masked_adam_: params, grads, exp_avgs, exp_avg_sqs and masks must have the same length")
+    if n == 0:
+        return
+    device = params[0].device
+    _common.check_device(params[0], "params[0]")
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"step: expected an int >= 1, got {step}")
+    scale_t = _device_scalar("grad_scale", grad_scale, device)
+    inf_t = _device_scalar("found_inf", found_inf, device)
+
+    groups: dict[tuple, list] = {}
+    keep = []  # contiguous copies that must live until the launches are queued
+    for i, (p, g, m, v, mask) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks)):
+        if p.dtype not in _common.TL_DTYPES:
+            raise TypeError(f"params[{i}]: the triton backend supports float32, float16 and bfloat16, got {p.dtype}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}]: expected dtype {p.dtype} (params[{i}]), got {g.dtype}")
+        if m.dtype != v.dtype or m.dtype not in (torch.float32, p.dtype):
+            raise TypeError(f"exp_avgs[{i}]/exp_avg_sqs[{i}]: expected float32 or {p.dtype} for both, "
+                            f"got {m.dtype} and {v.dtype}")
+        for name, t in (("params", p), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v), ("masks", mask)):
+            if t is None:
+                continue
+            if t.device != device:
+                raise ValueError(f"{name}[{i}]: expected a tensor on {device}, got {t.device}")
+            if t.numel() != p.numel():
+                raise ValueError(f"{name}[{i}]: expected {p.numel()} elements, got {t.numel()}")
+            if name != "grads" and not t.is_contiguous():
+                raise ValueError(f"{name}[{i}]: expected a contiguous tensor")
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"masks[{i}]: expected a bool tensor, got dtype {mask.dtype}")
+        if p.numel() == 0:
+            continue
+        if not g.is_contiguous():
+            g = g.contiguous()
+            keep.append(g)
+        row = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
+               p.numel())
+        groups.setdefault((p.dtype, m.dtype), []).append(row)
+
+    bc1 = 1 - beta1 ** step
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    wd = float(weight_decay)
+    decoupled = bool(decoupled_weight_decay)
+    p_factor = 1 - lr * wd if (decoupled and wd != 0) else 1.0
+    for (p_dtype, s_dtype), rows in groups.items():
+        key = (str(device), p_dtype, s_dtype, tuple(rows))
+        addrs, numels, starts, n_chunks = _tables_for(key, rows, device)
+        _masked_adam_kernel[(n_chunks,)](
+            addrs, numels, starts, len(rows),
+            scale_t if scale_t is not None else starts, inf_t if inf_t is not None else starts,
+            1 - beta1, beta2, 1 - beta2, lr / bc1, bc2_sqrt, eps, p_factor, wd,
+            P_DT=_common.TL_DTYPES[p_dtype], S_DT=_common.TL_DTYPES[s_dtype],
+            HAS_SCALE=scale_t is not None, HAS_INF=inf_t is not None,
+            COUPLED_WD=(wd != 0 and not decoupled), LOG_N=max(1, len(rows).bit_length()),
+            BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS,
+        )
+    del keep
