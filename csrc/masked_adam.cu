@@ -16,6 +16,8 @@
 
 #include "masked_adam.h"
 
+#include "cuda_check.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,10 +44,6 @@ constexpr const char* kOpName = "set_kernels._C.masked_adam";
 constexpr int kMaxTensorsPerLaunch = 32;
 constexpr int kThreads = 256;
 constexpr std::int64_t kMaxBlocksPerTensor = 1024;
-
-std::string cuda_error_text(cudaError_t err) {
-  return std::string(cudaGetErrorString(err)) + " (" + cudaGetErrorName(err) + ")";
-}
 
 // ---- element math -----------------------------------------------------------
 
@@ -185,11 +183,7 @@ void launch_all(const std::vector<AdamTensor>& tensors, const ElementArgs& args,
                                kMaxBlocksPerTensor);
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(count));
     masked_adam_kernel<T><<<grid, kThreads, 0, stream>>>(table, args, hp.grad_scale, hp.found_inf);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) {
-      throw std::runtime_error(std::string(kOpName) + ": launch of masked_adam_kernel<" +
-                               Elem<T>::name + "> failed: " + cuda_error_text(err));
-    }
+    check_launch(kOpName, std::string("masked_adam_kernel<") + Elem<T>::name + ">");
     table = TensorTable<T>{};
     count = 0;
     max_numel = 0;
@@ -221,7 +215,7 @@ const char* dtype_name(int dtype) noexcept {
 }
 
 void masked_adam(const std::vector<AdamTensor>& tensors, int dtype, const AdamHyperParams& hp,
-                 std::uintptr_t stream) {
+                 std::uintptr_t stream, int device) {
   if (!dtype_is_valid(dtype)) {
     throw std::invalid_argument(std::string(kOpName) + ": unknown dtype code " +
                                 std::to_string(dtype));
@@ -231,19 +225,10 @@ void masked_adam(const std::vector<AdamTensor>& tensors, int dtype, const AdamHy
                                 std::to_string(hp.step));
   }
 
-  // A device must exist before any pointer is used.
-  int device_count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&device_count);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the (non-sticky) error
-    throw std::runtime_error(std::string(kOpName) +
-                             ": no CUDA device available (cudaGetDeviceCount: " +
-                             cuda_error_text(err) + ")");
-  }
-  if (device_count == 0) {
-    throw std::runtime_error(std::string(kOpName) +
-                             ": no CUDA device available (cudaGetDeviceCount returned 0)");
-  }
+  // A device must exist before any pointer is used; then run on `device`.
+  const int device_count = require_device(kOpName);
+  DeviceGuard guard(device, device_count, kOpName);
+  (void)cudaGetLastError();  // a launch failure below must not be confused with an older error
 
   const ElementArgs args = make_element_args(hp);
   const auto s = reinterpret_cast<cudaStream_t>(stream);

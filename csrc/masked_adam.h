@@ -60,8 +60,9 @@ struct AdamHyperParams {
 };
 
 // Applies one masked Adam/AdamW step to every tensor, in place, on `stream`
-// (a cudaStream_t passed as an integer; 0 = legacy default stream) of the
-// calling thread's current CUDA device.  Asynchronous: no host synchronisation.
+// (a cudaStream_t passed as an integer; 0 = legacy default stream) on CUDA
+// device `device` (made current for the call and restored afterwards; -1 = the
+// calling thread's current device).  Asynchronous: no host synchronisation.
 //
 // Checks that a CUDA device is available before touching any pointer, and
 // checks every CUDA call and every kernel launch; throws std::runtime_error
@@ -69,7 +70,7 @@ struct AdamHyperParams {
 // pointers, sizes) is the caller's job, but `dtype` and `step` are re-checked
 // here (std::invalid_argument).
 void masked_adam(const std::vector<AdamTensor>& tensors, int dtype,
-                 const AdamHyperParams& hp, std::uintptr_t stream);
+                 const AdamHyperParams& hp, std::uintptr_t stream, int device = -1);
 
 // ---- CUDA runtime helpers (never throw) -----------------------------------
 

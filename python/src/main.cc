@@ -18,6 +18,8 @@
 
 namespace py = pybind11;
 
+void bind_bsmm(py::module_& m);  // python/src/bsmm.cc
+
 namespace {
 
 using PtrList = std::vector<std::int64_t>;
@@ -52,7 +54,8 @@ void masked_adam(const PtrList& params, const PtrList& grads, const PtrList& exp
                  const PtrList& exp_avg_sqs, const PtrList& masks,
                  const std::vector<std::int64_t>& numels, int dtype, std::int64_t step, double lr,
                  double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-                 std::int64_t grad_scale_ptr, std::int64_t found_inf_ptr, std::int64_t stream) {
+                 std::int64_t grad_scale_ptr, std::int64_t found_inf_ptr, std::int64_t stream,
+                 int device) {
   const char* fn = "masked_adam";
   if (!set_kernels::dtype_is_valid(dtype)) {
     bad_arg(fn, "unknown dtype code " + std::to_string(dtype) +
@@ -74,6 +77,9 @@ void masked_adam(const PtrList& params, const PtrList& grads, const PtrList& exp
   check_optional_pointer(fn, "grad_scale_ptr", grad_scale_ptr);
   check_optional_pointer(fn, "found_inf_ptr", found_inf_ptr);
   if (stream < 0) bad_arg(fn, "stream is negative (" + std::to_string(stream) + ")");
+  if (device < -1) {
+    bad_arg(fn, "device=" + std::to_string(device) + " is invalid (expected >= 0, or -1 for current)");
+  }
 
   std::vector<set_kernels::AdamTensor> tensors(numels.size());
   for (std::size_t i = 0; i < numels.size(); ++i) {
@@ -98,7 +104,7 @@ void masked_adam(const PtrList& params, const PtrList& grads, const PtrList& exp
 
   // Launches are asynchronous; no Python objects are touched past this point.
   py::gil_scoped_release release;
-  set_kernels::masked_adam(tensors, dtype, hp, static_cast<std::uintptr_t>(stream));
+  set_kernels::masked_adam(tensors, dtype, hp, static_cast<std::uintptr_t>(stream), device);
 }
 
 }  // namespace
@@ -123,11 +129,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_archs", &set_kernels::compiled_archs,
         "GPU architectures compiled into this module, e.g. ['sm_80', 'sm_90'].");
 
+  bind_bsmm(m);
+
   m.def("masked_adam", &masked_adam, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"), py::arg("masks"), py::arg("numels"), py::arg("dtype"),
         py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("decoupled"), py::arg("grad_scale_ptr") = 0,
-        py::arg("found_inf_ptr") = 0, py::arg("stream") = 0,
+        py::arg("found_inf_ptr") = 0, py::arg("stream") = 0, py::arg("device") = -1,
         R"doc(In-place masked Adam/AdamW step on CUDA tensors given as data pointers.
 
 params, grads: pointers to tensors of the element type `dtype` (DTYPE_*);
@@ -136,7 +144,8 @@ numels: element count of each tensor. Math in fp32, as torch.optim.Adam
 (decoupled=False) or AdamW (decoupled=True); where the mask is false,
 param, exp_avg and exp_avg_sq are set to 0. grad_scale_ptr / found_inf_ptr:
 optional fp32 device scalars (0 = none); if *found_inf != 0 nothing changes.
-stream: cudaStream_t as an integer (0 = default stream). Asynchronous.
+stream: cudaStream_t as an integer (0 = default stream); device: CUDA device
+index made current for the call (-1 = current). Asynchronous.
 Raises ValueError for bad arguments, RuntimeError for CUDA errors or when
 no CUDA device is available.)doc");
 }

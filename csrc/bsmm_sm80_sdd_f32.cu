@@ -1,0 +1,9 @@
+// Instantiates the sm_80 bsmm_sdd kernels (and the split-K reduction) for float
+// (block sizes 16, 32, 64, 128).
+#include "bsmm_sm80.cuh"
+
+namespace set_kernels {
+namespace bsmm {
+template void launch_sdd_sm80<float>(const SddParams&, int, cudaStream_t);
+}  // namespace bsmm
+}  // namespace set_kernels
