@@ -62,8 +62,17 @@ class SparseLinear(torch.nn.Module):
 
     @staticmethod
     def _drop_layout_cache(module, incompatible_keys=None) -> None:
-        # load_state_dict copies into the same buffers; the cached layout must be rebuilt.
+        # load_state_dict copies into the same buffers; the cached layout must be rebuilt. It is
+        # rebuilt here, eagerly, so that a torch.compile'd forward only ever reads the cache.
         module._layout = None
+        module.layout
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.to() / .cuda() / .half() replace the buffers: rebuild the cached layout now
+        # (outside any compiled region) rather than lazily in forward.
+        out = super()._apply(fn, *args, **kwargs)
+        self.layout
+        return out
 
     @property
     def layout(self) -> BlockSparseLayout:

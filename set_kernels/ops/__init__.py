@@ -21,7 +21,47 @@ __all__ = ["block_sparse_linear", "to_dense", "from_dense", "masked_adam_"]
 def _check_layout(layout) -> BlockSparseLayout:
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout: expected a BlockSparseLayout, got {type(layout).__name__}")
+    # O(1): the packed index must fit the layout's grid (the ops check its contents once).
+    nnz = _library.check_index_structure(layout.index, *layout.shape, layout.block_size)
+    if nnz != layout.nnz_blocks:
+        raise ValueError(f"layout: its index holds {nnz} blocks but nnz_blocks is {layout.nnz_blocks}")
     return layout
+
+
+_ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": TypeError}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """``(backend name, "")``, or ``(error type name, message)``; a constant under torch.compile.
+
+    Under ``torch.compile`` this runs once, when the graph is traced, and its result is baked in
+    (so ``$SET_KERNELS_BACKEND`` is read at compile time). Returning the error instead of raising
+    it lets the caller raise it as the same exception type, compiled or not.
+    """
+    try:
+        return backends.resolve(backend, op, device, dtype), ""
+    except (ValueError, RuntimeError, TypeError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+def _resolve(backend, op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """:func:`set_kernels.backends.resolve`, traceable by torch.compile without a graph break."""
+    name, error = _resolve_or_error(backend, op, device, dtype)
+    if error:
+        raise _ERRORS[name](error)
+    return name
+
+
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+
+
+def _autocast_dtype(device: torch.device):
+    """The autocast dtype when autocast is on for ``device`` (a matmul is cast to it), else None."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def _check_values(values, layout: BlockSparseLayout) -> torch.Tensor:
@@ -46,6 +86,15 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
 
     Returns:
         ``(..., rows)`` tensor. Gradients flow to ``x``, ``values`` and ``bias``.
+
+    Under ``torch.autocast`` (a float16 or bfloat16 autocast dtype) the op runs in that dtype,
+    like ``F.linear``: ``x``, ``values`` and ``bias`` are cast, the result has the autocast dtype,
+    and gradients come back in the inputs' own dtypes. The backend must support that dtype.
+
+    Raises:
+        TypeError: a non-tensor or non-floating argument, mismatched dtypes, or a non-layout.
+        ValueError: a shape mismatch, tensors on different devices, or an unknown backend name.
+        RuntimeError: the requested backend is not available for this device and dtype.
     """
     layout = _check_layout(layout)
     check_tensor("x", x, floating=True)
@@ -53,16 +102,23 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
     rows, cols = layout.shape
     if x.dim() == 0 or x.shape[-1] != cols:
         raise ValueError(f"x: expected last dimension {cols} (the layout's cols), got shape {tuple(x.shape)}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
     if bias is not None:
         check_tensor("bias", bias, floating=True)
         if tuple(bias.shape) != (rows,):
             raise ValueError(f"bias: expected shape ({rows},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
     device = check_same_device(x=x, values=values, bias=bias, layout=layout.index)
-    name = backends.resolve(backend, "bsmm_dsd", device, x.dtype)
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        # Autocast, like F.linear: fp16/bf16/fp32 operands are cast to the autocast dtype (fp64
+        # ones are left alone), the kernels accumulate in fp32, and gradients flow back through
+        # the casts in each input's own dtype.
+        x, values = _autocast(x, cast), _autocast(values, cast)
+        bias = None if bias is None else _autocast(bias, cast)
+    if values.dtype != x.dtype:
+        raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
+    name = _resolve(backend, "bsmm_dsd", device, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols).contiguous()
     y = _library.bsmm_dsd(x2, values.contiguous(), layout.index, bias, rows, cols, layout.block_size, name)
@@ -165,7 +221,7 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
             if t.numel() != 1:
                 raise ValueError(f"{name}: expected a 1-element tensor, got shape {tuple(t.shape)}")
     device = check_same_device(params=params[0], grad_scale=grad_scale, found_inf=found_inf)
-    chosen = {dt: backends.resolve(backend, "masked_adam_", device, dt) for dt in {p.dtype for p in params}}
+    chosen = {dt: _resolve(backend, "masked_adam_", device, dt) for dt in {p.dtype for p in params}}
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault(chosen[p.dtype], []).append(i)

@@ -13,6 +13,7 @@ The three matmuls are each other's transposes, so every backward is written with
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional
 
 import torch
@@ -29,11 +30,79 @@ def split_index(index: Tensor, rows: int, cols: int, block_size: int):
     return torch.split(index, [n_rows + 1, nnz, nnz, n_cols + 1, nnz, nnz])
 
 
+def check_index_structure(index, rows: int, cols: int, block_size: int) -> int:
+    """O(1) checks of a packed layout index (no data read); returns ``nnz``.
+
+    ``index`` must be a contiguous 1-D int32 tensor of length ``(R + 1) + (C + 1) + 4 * nnz``.
+    Raises TypeError / ValueError naming ``index``.
+    """
+    if not isinstance(index, Tensor):
+        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
+    if index.dtype != torch.int32:
+        raise TypeError(f"index: expected an int32 tensor (a BlockSparseLayout's packed index), got dtype {index.dtype}")
+    if index.dim() != 1 or not index.is_contiguous():
+        raise ValueError(f"index: expected a contiguous 1-D tensor, got shape {tuple(index.shape)}")
+    for name, value in (("rows", rows), ("cols", cols), ("block_size", block_size)):
+        if value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value}")
+    n_rows, n_cols = -(-rows // block_size), -(-cols // block_size)
+    rest = index.numel() - n_rows - n_cols - 2
+    if rest < 0 or rest % 4:
+        raise ValueError(f"index: length {index.numel()} does not fit a {n_rows} x {n_cols} block grid "
+                         f"(expected {n_rows + 1} + {n_cols + 1} + 4 * nnz)")
+    return rest // 4
+
+
+# id(index) -> (weakref to it, its _version, (rows, cols, block_size)) of indices already checked.
+_CHECKED: dict = {}
+
+
+def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> None:
+    """Check that every offset and block index in a packed layout index is in range.
+
+    Run by the real implementations of the ops, before any backend kernel: a hand-built or
+    corrupted index raises ValueError instead of making a kernel read out of bounds. Checked
+    once per index tensor and in-place version (later calls are a dict lookup); on CUDA the
+    first check costs one host sync, and it is skipped while a CUDA graph is being captured.
+    """
+    nnz = check_index_structure(index, rows, cols, block_size)
+    key = (rows, cols, block_size)
+    hit = _CHECKED.get(id(index))
+    if hit is not None and hit[0]() is index and hit[1] == index._version and hit[2] == key:
+        return
+    if index.device.type == "meta":
+        return
+    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    n_rows, n_cols = -(-rows // block_size), -(-cols // block_size)
+    row_ptr, col_idx, block_row, col_ptr, row_idx, perm = split_index(index, rows, cols, block_size)
+    conds = []
+    for ptr in (row_ptr, col_ptr):
+        conds += [ptr[0] == 0, ptr[-1] == nnz, (ptr[1:] >= ptr[:-1]).all()]
+    for idx, bound in ((col_idx, n_cols), (block_row, n_rows), (row_idx, n_rows), (perm, nnz)):
+        if idx.numel():
+            conds += [idx.min() >= 0, idx.max() < bound]
+    ok = torch.stack([c.reshape(()) for c in conds])
+    if not bool(ok.all()):  # one host read for all conditions
+        names = ["row_ptr[0] == 0", "row_ptr[-1] == nnz", "row_ptr non-decreasing", "col_ptr[0] == 0",
+                 "col_ptr[-1] == nnz", "col_ptr non-decreasing"]
+        for name, bound in (("col_idx", "C"), ("block_row", "R"), ("row_idx", "R"), ("perm", "nnz")):
+            if nnz:
+                names += [f"{name} >= 0", f"{name} < {bound}"]
+        failed = [n for n, good in zip(names, ok.tolist()) if not good]
+        raise ValueError(f"index: not a valid layout index for a {n_rows} x {n_cols} block grid with nnz={nnz} "
+                         f"(failed: {', '.join(failed)}); build layouts with BlockSparseLayout.from_csr")
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[id(index)] = (weakref.ref(index), index._version, key)
+
+
 # ------------------------------------------------------------------------------------- forward
 @torch.library.custom_op("set_kernels::bsmm_dsd", mutates_args=())
 def bsmm_dsd(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
              block_size: int, backend: str) -> Tensor:
     """``y (M, rows) = x (M, cols) @ W.T + bias``, W given by ``values (nnz, b, b)`` on the layout."""
+    check_index(index, rows, cols, block_size)
     row_ptr, col_idx, *_ = split_index(index, rows, cols, block_size)
     return backends.get(backend).bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
 
@@ -72,6 +141,7 @@ bsmm_dsd.register_autograd(_dsd_backward, setup_context=_dsd_setup)
 def bsmm_dds(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
              backend: str) -> Tensor:
     """``dx (M, cols) = dy (M, rows) @ W``, walking the transposed index (no atomics)."""
+    check_index(index, rows, cols, block_size)
     _, _, _, col_ptr, row_idx, perm = split_index(index, rows, cols, block_size)
     return backends.get(backend).bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
 
@@ -107,6 +177,7 @@ bsmm_dds.register_autograd(_dds_backward, setup_context=_save_operands)
 def bsmm_sdd(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
              backend: str) -> Tensor:
     """``dv (nnz, b, b)``: ``dy (M, rows).T @ x (M, cols)`` on the live blocks only."""
+    check_index(index, rows, cols, block_size)
     _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
     return backends.get(backend).bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size)
 
@@ -136,6 +207,7 @@ bsmm_sdd.register_autograd(_sdd_backward, setup_context=_save_operands)
 @torch.library.custom_op("set_kernels::to_dense", mutates_args=())
 def to_dense(values: Tensor, index: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
     """``W (rows, cols)`` from ``values (nnz, b, b)``; zeros outside live blocks."""
+    check_index(index, rows, cols, block_size)
     _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
     return torch_ref.to_dense(values, block_row, col_idx, rows, cols, block_size)
 
@@ -148,6 +220,7 @@ def _(values, index, rows, cols, block_size):
 @torch.library.custom_op("set_kernels::from_dense", mutates_args=())
 def from_dense(weight: Tensor, index: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
     """``values (nnz, b, b)``: the live blocks of ``weight (rows, cols)``, zero beyond the edges."""
+    check_index(index, rows, cols, block_size)
     _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
     return torch_ref.from_dense(weight, block_row, col_idx, rows, cols, block_size)
 

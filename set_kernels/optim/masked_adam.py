@@ -8,6 +8,10 @@ from .._checks import check_choice, check_tensor
 from ..nn.masked_linear import mask_of
 
 
+def _on(t, device):
+    return None if t is None else t.to(device, non_blocking=True)
+
+
 class MaskedAdam(torch.optim.Optimizer):
     """Adam (or AdamW with ``decoupled_weight_decay=True``) with per-parameter boolean masks.
 
@@ -67,12 +71,43 @@ class MaskedAdam(torch.optim.Optimizer):
                 if key in saved and self.state[p][key].dtype != saved[key].dtype:
                     self.state[p][key] = saved[key].to(device=p.device, copy=True)
 
+    # torch.amp.GradScaler: call step() directly, with the scale and the inf flag as tensors.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
+        """One update of every parameter that has a gradient.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+            grad_scale: optional 1-element float tensor on the parameters' device; gradients are
+                divided by it inside the fused update (AMP). Defaults to the ``grad_scale``
+                attribute that ``torch.amp.GradScaler.step`` sets.
+            found_inf: optional 1-element float tensor; when non-zero the step is skipped:
+                parameters, moments and step counts do not change. Defaults to the
+                ``found_inf`` attribute set by ``GradScaler``.
+
+        On CPU, ``found_inf`` is read directly. On an accelerator it is never read back while
+        stepping: the fused kernel skips the update on the device, and the step counts of a
+        skipped step are taken back at the next ``step()`` or ``state_dict()`` (from a
+        non-blocking copy), so ``state["step"]`` can run one ahead until then.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        self._settle_skipped_steps()
+        if found_inf is not None:
+            check_tensor("found_inf", found_inf)
+            if found_inf.device.type == "cpu":
+                if bool(found_inf.item()):  # a CPU read: no device sync
+                    return loss
+                found_inf = None
+        stepped = []
         for group in self.param_groups:
             # One fused call per (device, step count); normally every parameter shares both.
             buckets: dict[tuple, list] = {}
@@ -82,7 +117,8 @@ class MaskedAdam(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("MaskedAdam does not support sparse gradients")
                 state = self._init_state(p)
-                state["step"] += 1
+                state["step"] += 1  # a CPU tensor: reading it back is no device sync
+                stepped.append(p)
                 buckets.setdefault((p.device, int(state["step"].item())), []).append(p)
             beta1, beta2 = group["betas"]
             for (_, step), params in buckets.items():
@@ -92,6 +128,37 @@ class MaskedAdam(torch.optim.Optimizer):
                     [s["exp_avg_sq"] for s in states], [self.mask_for(p) for p in params],
                     step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                    grad_scale=_on(grad_scale, params[0].device), found_inf=_on(found_inf, params[0].device),
                     backend=self.backend,
                 )
+        if found_inf is not None and stepped:
+            # Device-side skip: copy the flag back without waiting; settled at the next step().
+            flag = found_inf.detach().reshape(()).to("cpu", torch.float32, non_blocking=True)
+            event = None
+            if found_inf.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            self._pending_skips.append((flag, event, stepped))
         return loss
+
+    @property
+    def _pending_skips(self) -> list:
+        pending = self.__dict__.get("_pending_skip_list")
+        if pending is None:
+            pending = self.__dict__["_pending_skip_list"] = []
+        return pending
+
+    def _settle_skipped_steps(self) -> None:
+        """Take back the step counts of earlier steps that the device skipped (found_inf != 0)."""
+        pending = self._pending_skips
+        while pending:
+            flag, event, stepped = pending.pop(0)
+            if event is not None:
+                event.synchronize()  # long done by now: recorded one whole step ago
+            if bool(flag):
+                for p in stepped:
+                    self.state[p]["step"] -= 1
+
+    def state_dict(self):
+        self._settle_skipped_steps()
+        return super().state_dict()
