@@ -116,3 +116,18 @@ def check_operand(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor")
+
+
+@triton.jit
+def cast_out(x, DT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 ``x`` to ``DT``, rounding to nearest even.
+
+    Compiled, that is what ``.to`` does. The interpreter's fp32 -> bf16 cast truncates instead, so
+    there the value is first rounded to a bf16-representable fp32 with integer arithmetic (the
+    carry of a round-up runs into the exponent, as it should), which the cast keeps exactly.
+    """
+    if INTERPRETED and DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(DT)

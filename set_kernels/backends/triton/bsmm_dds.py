@@ -43,7 +43,7 @@ def _prune(configs, named_args, **kwargs):
 @_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols"], prune=_prune)
 @triton.jit
 def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_in_blocks, M_BUCKET,
-                B: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                B: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -70,7 +70,7 @@ def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_
         # values[k, i, j] = W[r*B + i, c*B + j]; rows past the edge read as 0.
         w = tl.load(v_ptr + k.to(tl.int64) * (B * B) + offs_b[:, None] * B + offs_b[None, :],
                     mask=i_ok[:, None], other=0.0)
-        if DOT_FP32:
+        if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact
             g = g.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
@@ -78,7 +78,7 @@ def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_
     j = c * B + offs_b
     j_ok = j < cols
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * cols + j[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & j_ok[None, :])
+    tl.store(dx_ptrs, _common.cast_out(acc, dx_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & j_ok[None, :])
 
 
 def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -102,6 +102,6 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     n_in = col_ptr.numel() - 1
     _dds_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_in,)](
         dy, values, col_ptr, row_idx, perm, dx, M, rows, cols, n_in, _common.bucket(M),
-        B=b, DOT_FP32=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype),
+        B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype),
     )
     return dx

@@ -47,7 +47,7 @@ def _prune(configs, named_args, **kwargs):
 @_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "HAS_BIAS"], prune=_prune)
 @triton.jit
 def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, n_out_blocks, M_BUCKET,
-                B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                B: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -73,7 +73,7 @@ def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, 
         # values[e, i, j] = W[r*B + i, c*B + j]; features past the edge read as 0.
         w = tl.load(v_ptr + tl.cast(e, tl.int64) * (B * B) + offs_b[:, None] * B + offs_b[None, :],
                     mask=j_ok[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact
             xt = xt.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
@@ -83,7 +83,7 @@ def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * rows + i[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
+    tl.store(y_ptrs, _common.cast_out(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & i_ok[None, :])
 
 
 def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -107,9 +107,8 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     if M == 0 or rows == 0:
         return y
     n_out = row_ptr.numel() - 1
-    dot_fp32 = _common.INTERPRET
     _dsd_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_out,)](
         x, values, row_ptr, col_idx, bias if bias is not None else y, y, M, rows, cols, n_out, _common.bucket(M),
-        B=b, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=_common.dot_precision(x.dtype),
+        B=b, HAS_BIAS=bias is not None, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(x.dtype),
     )
     return y

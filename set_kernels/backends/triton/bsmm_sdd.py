@@ -44,7 +44,7 @@ def _prune(configs, named_args, **kwargs):
                   prune=_prune)
 @triton.jit
 def _sdd_kernel(dy_ptr, x_ptr, block_row, col_idx, out_ptr, M, rows, cols, nnz, TOKENS_PER_SPLIT, M_BUCKET,
-                B: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                B: tl.constexpr, PARTIAL: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     k = tl.program_id(0)
     s = tl.program_id(1)
@@ -65,7 +65,7 @@ def _sdd_kernel(dy_ptr, x_ptr, block_row, col_idx, out_ptr, M, rows, cols, nnz, 
         t64 = t.to(tl.int64)[:, None]
         g = tl.load(dy_ptr + t64 * rows + i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
         xx = tl.load(x_ptr + t64 * cols + j[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact
             g = g.to(tl.float32)
             xx = xx.to(tl.float32)
         acc = tl.dot(tl.trans(g), xx, acc, input_precision=PRECISION)
@@ -75,18 +75,18 @@ def _sdd_kernel(dy_ptr, x_ptr, block_row, col_idx, out_ptr, M, rows, cols, nnz, 
     if PARTIAL:
         tl.store(out_ptr + (s.to(tl.int64) * nnz + k) * (B * B) + offs, acc)
     else:
-        tl.store(out_ptr + k.to(tl.int64) * (B * B) + offs, acc.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + k.to(tl.int64) * (B * B) + offs, _common.cast_out(acc, out_ptr.dtype.element_ty, INTERPRETED))
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, out_ptr, nnz, n_splits, B: tl.constexpr):
+def _sum_splits_kernel(ws_ptr, out_ptr, nnz, n_splits, B: tl.constexpr, INTERPRETED: tl.constexpr):
     """out[k] = sum over s (in order) of ws[s, k]; one program per block."""
     k = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, B)[:, None] * B + tl.arange(0, B)[None, :]
     acc = tl.zeros((B, B), dtype=tl.float32)
     for s in range(0, n_splits):
         acc += tl.load(ws_ptr + (k + s * nnz) * (B * B) + offs)  # k is int64
-    tl.store(out_ptr + k * (B * B) + offs, acc.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + k * (B * B) + offs, _common.cast_out(acc, out_ptr.dtype.element_ty, INTERPRETED))
 
 
 def choose_splits(nnz: int, M: int, sms: int) -> int:
@@ -124,7 +124,7 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *
         raise ValueError(f"splits: expected an int >= 1 or None, got {splits!r}")
     per_split = triton.cdiv(triton.cdiv(M, splits), 16) * 16
     splits = triton.cdiv(M, per_split)
-    common = dict(B=b, DOT_FP32=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype))
+    common = dict(B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype))
     if splits == 1:
         _sdd_kernel[(nnz, 1)](dy, x, block_row, col_idx, dv, M, rows, cols, nnz, per_split, _common.bucket(M),
                               PARTIAL=False, **common)
@@ -132,5 +132,5 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *
     ws = torch.empty(splits, nnz, b, b, dtype=torch.float32, device=dy.device)
     _sdd_kernel[(nnz, splits)](dy, x, block_row, col_idx, ws, M, rows, cols, nnz, per_split, _common.bucket(M),
                                PARTIAL=True, **common)
-    _sum_splits_kernel[(nnz,)](ws, dv, nnz, splits, B=b, num_warps=4)
+    _sum_splits_kernel[(nnz,)](ws, dv, nnz, splits, B=b, INTERPRETED=_common.INTERPRET, num_warps=4)
     return dv

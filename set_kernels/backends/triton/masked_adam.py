@@ -45,7 +45,8 @@ _tables: OrderedDict = OrderedDict()
 def _masked_adam_kernel(addrs, numels, chunk_start, n_tensors, scale_ptr, inf_ptr,
                         omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor, g_wd,
                         P_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-                        COUPLED_WD: tl.constexpr, LOG_N: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                        COUPLED_WD: tl.constexpr, LOG_N: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                        INTERPRETED: tl.constexpr):
     pid = tl.program_id(0)
     # Binary search: the tensor t with chunk_start[t] <= pid < chunk_start[t + 1].
     lo = pid * 0
@@ -95,9 +96,9 @@ def _masked_adam_kernel(addrs, numels, chunk_start, n_tensors, scale_ptr, inf_pt
         p = tl.where(live, p, 0.0)
         m = tl.where(live, m, 0.0)
         v = tl.where(live, v, 0.0)
-        tl.store(p_ptr + offs, p.to(P_DT), mask=ok)
-        tl.store(m_ptr + offs, m.to(S_DT), mask=ok)
-        tl.store(v_ptr + offs, v.to(S_DT), mask=ok)
+        tl.store(p_ptr + offs, _common.cast_out(p, P_DT, INTERPRETED), mask=ok)
+        tl.store(m_ptr + offs, _common.cast_out(m, S_DT, INTERPRETED), mask=ok)
+        tl.store(v_ptr + offs, _common.cast_out(v, S_DT, INTERPRETED), mask=ok)
 
 
 def _device_scalar(name, t, device):
@@ -212,6 +213,6 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
             P_DT=_common.TL_DTYPES[p_dtype], S_DT=_common.TL_DTYPES[s_dtype],
             HAS_SCALE=scale_t is not None, HAS_INF=inf_t is not None,
             COUPLED_WD=(wd != 0 and not decoupled), LOG_N=max(1, len(rows).bit_length()),
-            BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, ITERS=ITERS, INTERPRETED=_common.INTERPRET, num_warps=NUM_WARPS,
         )
     del keep
