@@ -8,7 +8,8 @@ from . import backends, nn, ops, optim
 from ._info import info
 from .layout import BlockSparseLayout
 from .nn import MaskedLinear, SparseLinear, sparsify
+from .evolution import SET
 
 __version__ = "0.1.0"
-__all__ = ["BlockSparseLayout", "MaskedLinear", "SparseLinear", "backends", "info", "nn", "ops", "optim",
+__all__ = ["BlockSparseLayout", "MaskedLinear", "SET", "SparseLinear", "backends", "info", "nn", "ops", "optim",
            "sparsify", "__version__"]

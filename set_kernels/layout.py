@@ -49,10 +49,10 @@ class BlockSparseLayout:
         counts = row_ptr[1:] - row_ptr[:-1]
         block_row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts, output_size=nnz)
         # CSC order: sort by (column, row); a stable sort on the column keeps rows ascending.
-        perm = torch.sort(col_idx, stable=True).indices
-        col_counts = torch.bincount(col_idx, minlength=n_cols)
-        col_ptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=device)
-        torch.cumsum(col_counts, 0, out=col_ptr[1:])
+        sorted_cols, perm = torch.sort(col_idx, stable=True)
+        # searchsorted (not bincount) so that no step reads a size back to the host: layouts are
+        # rebuilt on the device at every SET topology update.
+        col_ptr = torch.searchsorted(sorted_cols, torch.arange(n_cols + 1, device=device))
         parts = (row_ptr, col_idx, block_row, col_ptr, block_row[perm], perm)
         self.index = torch.cat(parts).to(torch.int32)
         self._nnz = nnz
@@ -129,10 +129,10 @@ class BlockSparseLayout:
     def _from_flat(cls, flat: torch.Tensor, shape, block_size: int):
         """From sorted flat block indices ``r * C + c``."""
         n_rows, n_cols = _ceil_div(shape[0], block_size), _ceil_div(shape[1], block_size)
-        block_row = torch.div(flat, n_cols, rounding_mode="floor")
-        col_idx = flat - block_row * n_cols
-        row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
-        torch.cumsum(torch.bincount(block_row, minlength=n_rows), 0, out=row_ptr[1:])
+        flat = flat.to(torch.int64)
+        col_idx = torch.remainder(flat, n_cols)
+        # Device-side (no host sync): row r starts at the first flat index >= r * C.
+        row_ptr = torch.searchsorted(flat, torch.arange(n_rows + 1, device=flat.device) * n_cols)
         return cls(row_ptr, col_idx, shape, block_size)
 
     # ----------------------------------------------------------------- properties

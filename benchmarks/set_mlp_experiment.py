@@ -1,0 +1,117 @@
+"""The SET-MLP experiment of issue 5 (never run in CI): every configuration x every seed.
+
+    .venv/bin/python benchmarks/set_mlp_experiment.py                      # full: 400 epochs, 5 seeds
+    .venv/bin/python benchmarks/set_mlp_experiment.py --epochs 100 --seeds 3 --tag reduced
+
+Each run is ``set-kernels train`` in its own process with one torch / numba / OpenMP thread,
+``--jobs`` runs at a time, on a frozen copy of the package (so edits to the working tree during
+the experiment do not leak into it). JSON per run goes to ``--out`` (default
+benchmarks/results/cpu/set_mlp/<tag>/); ``summary.md`` there is rewritten after every run: mean
++- sd (sample sd, n-1) of the final test accuracy, best test accuracy, and train time per epoch.
+Existing JSON files are kept and not rerun, so the script can be resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = [  # name, extra flags
+    ("set_masked", ["--mode", "set", "--layer", "masked"]),
+    ("static_masked", ["--mode", "static", "--layer", "masked"]),
+    ("dense_lr0.001", ["--mode", "dense"]),
+    ("dense_lr0.01", ["--mode", "dense", "--lr", "0.01"]),
+    ("set_block16", ["--mode", "set", "--layer", "block", "--block-size", "16"]),
+    ("set_masked_adam", ["--mode", "set", "--layer", "masked", "--optimizer", "adam"]),
+]
+
+
+def summarise(out_dir: str, args) -> str:
+    lines = [f"# SET-MLP on Fashion-MNIST ({args.tag})", "",
+             f"Protocol: {args.train_samples} train / {args.test_samples} test samples, {args.epochs} epochs, "
+             f"seeds 0..{args.seeds - 1}; one thread per run, {args.jobs} runs in parallel on a shared 2-core CPU "
+             "(times are indicative only: other jobs shared the machine).", "",
+             "| configuration | runs | final test acc (mean ± sd) | best test acc (mean) | train s/epoch (mean) |",
+             "|---|---|---|---|---|"]
+    for name, _ in CONFIGS:
+        finals, bests, times = [], [], []
+        for seed in range(args.seeds):
+            path = os.path.join(out_dir, f"{name}_seed{seed}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    res = json.load(f)["final"]
+                finals.append(res["test_acc"])
+                bests.append(res["best_test_acc"])
+                times.append(res["time_per_epoch_s"])
+        if not finals:
+            lines.append(f"| {name} | 0 | – | – | – |")
+            continue
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        lines.append(f"| {name} | {len(finals)} | {statistics.mean(finals):.4f} ± {sd:.4f} | "
+                     f"{statistics.mean(bests):.4f} | {statistics.mean(times):.3f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--test-samples", type=int, default=1000)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--tag", default="full")
+    p.add_argument("--out", default=None)
+    p.add_argument("--only", default=None, help="comma-separated configuration names")
+    args = p.parse_args()
+    out_dir = os.path.abspath(args.out or os.path.join(ROOT, "benchmarks", "results", "cpu", "set_mlp", args.tag))
+    os.makedirs(out_dir, exist_ok=True)
+    snapshot = tempfile.mkdtemp(prefix="set_mlp_pkg_")
+    shutil.copytree(os.path.join(ROOT, "set_kernels"), os.path.join(snapshot, "set_kernels"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(out_dir, "run_info.json"), "w") as f:
+        json.dump({"commit": commit, "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "python": sys.executable}, f, indent=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               PYTHONPATH=snapshot)
+    only = set(args.only.split(",")) if args.only else None
+    jobs = [(seed, name, flags) for seed in range(args.seeds) for name, flags in CONFIGS
+            if only is None or name in only]
+
+    def run(job):
+        seed, name, flags = job
+        path = os.path.join(out_dir, f"{name}_seed{seed}.json")
+        if os.path.exists(path):
+            return
+        cmd = [sys.executable, "-m", "set_kernels", "train", "--data", "fashion-mnist", "--epochs", str(args.epochs),
+               "--train-samples", str(args.train_samples), "--test-samples", str(args.test_samples),
+               "--seed", str(seed), "--threads", "1", "--json", path + ".part", *flags]
+        t0 = time.time()
+        with open(os.path.join(out_dir, f"{name}_seed{seed}.log"), "w") as log:
+            rc = subprocess.run(cmd, cwd=snapshot, env=env, stdout=log, stderr=subprocess.DEVNULL).returncode
+        if rc == 0:
+            os.replace(path + ".part", path)
+        print(f"{name} seed {seed}: rc={rc} in {time.time() - t0:.0f}s", flush=True)
+        print(summarise(out_dir, args), flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, jobs))
+    print(summarise(out_dir, args))
+    shutil.rmtree(snapshot, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
