@@ -97,7 +97,8 @@ def _adam_kwargs(**overrides):
 def test_extension_built_and_imports(C):
     assert Path(C.__file__).resolve().parent.name == "set_kernels"
     assert (C.DTYPE_FLOAT32, C.DTYPE_FLOAT16, C.DTYPE_BFLOAT16) == (0, 1, 2)
-    for name in ("masked_adam", "cuda_device_count", "cuda_device_error", "compiled_archs",
+    for name in ("masked_adam", "bsmm_dsd", "bsmm_dds", "bsmm_sdd", "bsmm_sdd_splits",
+                 "bsmm_sdd_workspace_numel", "cuda_device_count", "cuda_device_error", "compiled_archs",
                  "cuda_runtime_version", "cuda_driver_version"):
         assert callable(getattr(C, name)), name
 
@@ -173,6 +174,7 @@ def test_backend_masked_adam_raises_without_gpu(C, cuda_backend, no_gpu):
     (dict(grad_scale_ptr=-8), ["grad_scale_ptr"]),
     (dict(found_inf_ptr=-8), ["found_inf_ptr"]),
     (dict(stream=-1), ["stream"]),
+    (dict(device=-2), ["device"]),
 ])
 def test_binding_rejects_bad_arguments(C, overrides, names):
     # These checks run before the device check: ValueError with or without a GPU.
@@ -195,10 +197,9 @@ def test_binding_rejects_wrong_types(C):
 def test_backend_module_surface(cuda_backend):
     assert cuda_backend.NAME == "cuda"
     assert cuda_backend.SUPPORTED_DTYPES == (torch.float32, torch.float16, torch.bfloat16)
-    assert cuda_backend.SUPPORTED_OPS == ("masked_adam_",)
-    assert callable(cuda_backend.masked_adam_)
-    for op in ("bsmm_dsd", "bsmm_dds", "bsmm_sdd"):
-        assert not hasattr(cuda_backend, op)
+    assert cuda_backend.SUPPORTED_OPS == ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+    for op in cuda_backend.SUPPORTED_OPS:
+        assert callable(getattr(cuda_backend, op)), op
     ok, reason = cuda_backend.availability()
     assert isinstance(ok, bool) and isinstance(reason, str)
     assert ok == (reason == "")

@@ -4,8 +4,19 @@
 dtype code and the current CUDA stream. Importing this module never fails; when ``_C`` was not
 built or there is no usable GPU, :func:`availability` says why and the ops raise RuntimeError.
 
-For now the backend only offers the fused masked Adam/AdamW (``SUPPORTED_OPS``); the
-block-sparse matmuls are served by other backends.
+Ops (``SUPPORTED_OPS``): the three block-sparse matmuls ``bsmm_dsd`` (forward, bias fused),
+``bsmm_dds`` (dX through the transposed index, no atomics) and ``bsmm_sdd`` (dW on the live
+blocks, deterministic split-K), on the tensor cores (wmma) with fp32 accumulation, and the fused
+masked Adam/AdamW ``masked_adam_``. fp32, fp16 and bf16; block sizes 16, 32, 64 and 128.
+
+fp32 matmuls: by default a 3xTF32 split on the tensor cores (``a*b ~ a_hi*b_hi + a_hi*b_lo +
+a_lo*b_hi``, products accurate to ~2^-21 relative, close to fp32). Setting
+``set_kernels.backends.cuda.FP32_MATMUL = "tf32"`` opts into a single TF32 pass (10-bit mantissa
+inputs, ~1e-3 relative error, fewer tensor-core operations).
+
+Every function validates its tensors (device, dtype, shape, contiguity of what the kernels index)
+before calling into ``_C``; kernels run on ``torch.cuda.current_stream()`` of the tensors' device,
+which is also made the current device for the call.
 """
 from __future__ import annotations
 
@@ -15,7 +26,10 @@ import torch
 
 NAME = "cuda"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_OPS = ("masked_adam_",)
+SUPPORTED_OPS = ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+BLOCK_SIZES = (16, 32, 64, 128)
+# "3xtf32" (default, ~fp32 accuracy) or "tf32" (one TF32 pass): how fp32 matmuls use the tensor cores.
+FP32_MATMUL = "3xtf32"
 
 _C_MODULE = "set_kernels._C"
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _C.DTYPE_*
@@ -175,6 +189,194 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
                 ptrs["p"], ptrs["g"], ptrs["m"], ptrs["v"], ptrs["mask"], numels,
                 _DTYPE_CODES[dtype], int(step), float(lr), float(beta1), float(beta2), float(eps),
                 float(weight_decay), bool(decoupled_weight_decay), scale_ptr, inf_ptr, stream,
+                _device_index(device),
             )
         for dst, tmp in copy_back:
             dst.copy_(tmp)
+
+
+# ------------------------------------------------------------------------------- block-sparse matmuls
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _tf32(dtype: torch.dtype) -> bool:
+    if FP32_MATMUL not in ("3xtf32", "tf32"):
+        raise ValueError(f"set_kernels.backends.cuda.FP32_MATMUL: expected '3xtf32' or 'tf32', got {FP32_MATMUL!r}")
+    return dtype == torch.float32 and FP32_MATMUL == "tf32"
+
+
+def _check_block(block_size) -> int:
+    b = int(block_size)
+    if b not in BLOCK_SIZES:
+        raise ValueError(f"block_size: the cuda backend supports {BLOCK_SIZES}, got {block_size}")
+    return b
+
+
+def _check_sizes(rows, cols) -> tuple[int, int]:
+    rows, cols = int(rows), int(cols)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"rows, cols: expected positive sizes, got {rows} x {cols}")
+    return rows, cols
+
+
+def _float_tensor(name: str, t, device=None, dtype=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: the cuda backend needs CUDA tensors, got one on {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    if dtype is None:
+        if t.dtype not in _DTYPE_CODES:
+            raise TypeError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
+    elif t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    return t
+
+
+def _dense(name: str, t, width: int, device=None, dtype=None) -> torch.Tensor:
+    """A 2-D ``(M, width)`` CUDA tensor whose rows are contiguous (a row stride is allowed)."""
+    t = _float_tensor(name, t, device, dtype)
+    if t.dim() != 2 or t.shape[1] != width:
+        raise ValueError(f"{name}: expected shape (M, {width}), got {tuple(t.shape)}")
+    if (width > 1 and t.stride(1) != 1) or (t.shape[0] > 1 and t.stride(0) < width):
+        t = t.contiguous()
+    return t
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    """Row stride in elements (torch reports arbitrary strides for size-1 dimensions)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _values(values, nnz_or_none, b: int, device, dtype) -> torch.Tensor:
+    v = _float_tensor("values", values, device, dtype)
+    if v.dim() != 3 or tuple(v.shape[1:]) != (b, b) or (nnz_or_none is not None and v.shape[0] != nnz_or_none):
+        want = f"({nnz_or_none if nnz_or_none is not None else 'nnz'}, {b}, {b})"
+        raise ValueError(f"values: expected shape {want}, got {tuple(v.shape)}")
+    return v.contiguous()
+
+
+def _index(name: str, t, numel: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected an int32 index tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    if t.dim() != 1 or t.numel() != numel:
+        raise ValueError(f"{name}: expected shape ({numel},), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _grid(rows: int, cols: int, b: int) -> tuple[int, int]:
+    return -(-rows // b), -(-cols // b)
+
+
+def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` with the ``_C.bsmm_dsd`` kernel.
+
+    x: ``(M, cols)``, fp32/fp16/bf16 CUDA tensor; values: ``(nnz, b, b)`` of x's dtype, CSR order;
+    row_ptr: int32 ``(R + 1,)``; col_idx: int32 ``(nnz,)``; bias: ``(rows,)`` of x's dtype or None.
+    Returns y ``(M, rows)`` of x's dtype (accumulated in fp32, bias added before the one rounding).
+    """
+    ext = _require()
+    b = _check_block(block_size)
+    rows, cols = _check_sizes(rows, cols)
+    x = _dense("x", x, cols)
+    device, dtype = x.device, x.dtype
+    v = _values(values, None, b, device, dtype)
+    n_rows, n_cols = _grid(rows, cols, b)
+    nnz = v.shape[0]
+    if nnz > n_rows * n_cols:
+        raise ValueError(f"values: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    row_ptr = _index("row_ptr", row_ptr, n_rows + 1, device)
+    col_idx = _index("col_idx", col_idx, nnz, device)
+    if bias is not None:
+        bias = _float_tensor("bias", bias, device, dtype)
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"bias: expected shape ({rows},), got {tuple(bias.shape)}")
+        bias = bias.contiguous()
+    M = x.shape[0]
+    y = torch.empty(M, rows, dtype=dtype, device=device)
+    if M == 0:
+        return y
+    with torch.cuda.device(device):
+        ext.bsmm_dsd(x.data_ptr(), _row_stride(x), v.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr(),
+                     bias.data_ptr() if bias is not None else 0, y.data_ptr(), y.stride(0), M, rows, cols, nnz,
+                     b, _DTYPE_CODES[dtype], _tf32(dtype), torch.cuda.current_stream(device).cuda_stream,
+                     _device_index(device))
+    return y
+
+
+def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` with ``_C.bsmm_dds`` (CSC walk, no atomics).
+
+    dy: ``(M, rows)``; values: ``(nnz, b, b)`` in CSR order; col_ptr: int32 ``(C + 1,)``;
+    row_idx, perm: int32 ``(nnz,)`` (CSC order, ``perm`` maps to the values index).
+    Returns dx ``(M, cols)`` of dy's dtype.
+    """
+    ext = _require()
+    b = _check_block(block_size)
+    rows, cols = _check_sizes(rows, cols)
+    dy = _dense("dy", dy, rows)
+    device, dtype = dy.device, dy.dtype
+    v = _values(values, None, b, device, dtype)
+    n_rows, n_cols = _grid(rows, cols, b)
+    nnz = v.shape[0]
+    if nnz > n_rows * n_cols:
+        raise ValueError(f"values: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    col_ptr = _index("col_ptr", col_ptr, n_cols + 1, device)
+    row_idx = _index("row_idx", row_idx, nnz, device)
+    perm = _index("perm", perm, nnz, device)
+    M = dy.shape[0]
+    dx = torch.empty(M, cols, dtype=dtype, device=device)
+    if M == 0:
+        return dx
+    with torch.cuda.device(device):
+        ext.bsmm_dds(dy.data_ptr(), _row_stride(dy), v.data_ptr(), col_ptr.data_ptr(), row_idx.data_ptr(),
+                     perm.data_ptr(), dx.data_ptr(), dx.stride(0), M, rows, cols, nnz, b, _DTYPE_CODES[dtype],
+                     _tf32(dtype), torch.cuda.current_stream(device).cuda_stream, _device_index(device))
+    return dx
+
+
+def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *, splits=None) -> torch.Tensor:
+    """Weight gradient on the live blocks with ``_C.bsmm_sdd``: ``dv (nnz, b, b)``,
+    ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``; exact zeros past the matrix edge.
+
+    dy: ``(M, rows)``, x: ``(M, cols)`` of one dtype; block_row, col_idx: int32 ``(nnz,)``.
+    The tokens are split deterministically (``_C.bsmm_sdd_splits``, a function of the shape) and
+    the fp32 partials summed in a fixed order; ``splits`` overrides the split count (tests).
+    """
+    ext = _require()
+    b = _check_block(block_size)
+    rows, cols = _check_sizes(rows, cols)
+    dy = _dense("dy", dy, rows)
+    device, dtype = dy.device, dy.dtype
+    x = _dense("x", x, cols, device, dtype)
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x: expected {dy.shape[0]} rows (the tokens of dy), got {x.shape[0]}")
+    if not isinstance(block_row, torch.Tensor):
+        raise TypeError(f"block_row: expected a torch.Tensor, got {type(block_row).__name__}")
+    nnz = block_row.numel()
+    n_rows, n_cols = _grid(rows, cols, b)
+    if nnz > n_rows * n_cols:
+        raise ValueError(f"block_row: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    block_row = _index("block_row", block_row, nnz, device)
+    col_idx = _index("col_idx", col_idx, nnz, device)
+    M = dy.shape[0]
+    out = torch.empty(nnz, b, b, dtype=dtype, device=device)
+    if nnz == 0:
+        return out
+    if splits is None:
+        splits = ext.bsmm_sdd_splits(M, nnz, b)
+    splits = int(splits)
+    with torch.cuda.device(device):
+        ws_numel = ext.bsmm_sdd_workspace_numel(splits, nnz, b) if M > 0 else 0
+        ws = torch.empty(ws_numel, dtype=torch.float32, device=device) if ws_numel else None
+        ext.bsmm_sdd(dy.data_ptr(), _row_stride(dy), x.data_ptr(), _row_stride(x), block_row.data_ptr(),
+                     col_idx.data_ptr(), out.data_ptr(), ws.data_ptr() if ws is not None else 0, ws_numel, M,
+                     rows, cols, nnz, b, _DTYPE_CODES[dtype], splits, _tf32(dtype),
+                     torch.cuda.current_stream(device).cuda_stream, _device_index(device))
+    return out
