@@ -13,24 +13,47 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
+    import os
+
     import torch
 
     from . import bench
     from .backends import BACKENDS
 
-    if args.backend not in (None, "auto") + BACKENDS:
-        print(f"set-kernels bench: --backend must be one of {('auto',) + BACKENDS}", file=sys.stderr)
+    def fail(msg: str) -> int:
+        print(f"set-kernels bench: {msg}", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    size = 4096 if args.quick else args.features
-    print(f"set-kernels bench: CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.tokens} tokens, fp32, block {args.block_size}")
-    rows = bench.run_quick(features=size, tokens=args.tokens, block_size=args.block_size,
-                           repeats=5 if args.quick else 15, backend=args.backend)
-    print(bench.format_table(rows))
-    print("E = density * T_dense / T_sparse (1.0 = time scales with density); speedup = T_dense / T_sparse; "
-          "masked_adam's dense baseline is torch.optim.Adam(fused=True) plus two mask multiplies.")
-    return 0
+
+    requested = list(args.backends or [])
+    if args.backend not in (None, "auto"):
+        requested.append(args.backend)
+    for name in requested:
+        if name not in BACKENDS:
+            return fail(f"--backends/--backend must be names from {BACKENDS} (or --backend auto), got {name!r}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda: no CUDA device (torch.cuda.is_available() is False)")
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    try:
+        ops = bench.canonical_ops(args.ops or bench.OPS)
+        grid = bench.with_overrides(bench.default_grid(device.type, mode), features=args.features,
+                                    tokens=args.tokens, blocks=args.block_sizes, densities=args.densities,
+                                    dtypes=args.dtypes, repeats=args.repeats)
+    except ValueError as exc:
+        return fail(str(exc))
+    out = args.out or os.path.join("benchmarks", "results", bench.slug(bench.device_name(device)))
+    command = "set-kernels " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    print(f"set-kernels bench: {bench.device_name(device)} ({device.type}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads), {mode} grid, ops {', '.join(ops)}", file=sys.stderr)
+    doc = bench.run(device, grid, ops, backends=requested or None, mode=mode, command=command,
+                    progress=not args.no_progress)
+    paths = bench.write_all(doc, out, mode)
+    print(bench.format_markdown(doc))
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({doc['meta']['wall_s']:.0f} s)")
+    failed = [s for s in doc["skipped"] if s["impl"] == "-"]
+    for s in failed:
+        print(f"set-kernels bench: case failed: {s['case']}: {s['reason']}", file=sys.stderr)
+    return 1 if failed or not doc["records"] else 0
 
 
 def _train(args) -> int:
@@ -43,12 +66,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="set-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends available on this machine, and why not").set_defaults(fn=_info)
-    bench = sub.add_parser("bench", help="compare SparseLinear and MaskedAdam with dense torch (CPU)")
-    bench.add_argument("--quick", action="store_true", help="a short run (4096x4096 weight, 5 repeats)")
-    bench.add_argument("--features", type=int, default=4096, help="in = out features (without --quick)")
-    bench.add_argument("--tokens", type=int, default=512)
-    bench.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128))
-    bench.add_argument("--backend", default=None, help="auto, numba or torch (default: auto)")
+    bench = sub.add_parser("bench", help="time SparseLinear ops, MaskedAdam and a SET-MLP step against dense torch",
+                           description="Times every op on every available backend against dense torch (and "
+                                       "torch's BSR matmul); writes <mode>.json, <mode>.md and <mode>.png to --out "
+                                       "and prints the table.")
+    bench.add_argument("--quick", action="store_true", help="the short grid (the README's main job)")
+    bench.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device-name>/)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    bench.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                       help="block_sparse_linear, masked_adam_, set_mlp_step (default: all)")
+    bench.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                       help="backends to time (default: every available one but the plain-torch reference; "
+                            "triton only on GPU unless named)")
+    bench.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # older single-backend flag
+    bench.add_argument("--features", type=int, default=None, help="override: in = out features of the linear grid")
+    bench.add_argument("--tokens", type=int, default=None, help="override: rows of x in the linear grid")
+    bench.add_argument("--block-sizes", "--block-size", dest="block_sizes", type=int, nargs="+", default=None,
+                       choices=(16, 32, 64, 128), help="override: block sizes")
+    bench.add_argument("--densities", type=float, nargs="+", default=None, help="override: densities")
+    bench.add_argument("--dtypes", nargs="+", default=None, help="override: dtypes (float32, bfloat16, ...)")
+    bench.add_argument("--repeats", type=int, default=None, help="override: CPU repeats per case")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # CI: toy sizes, same code path
     bench.set_defaults(fn=_bench)
     train = sub.add_parser("train", help="train the SET-MLP on Fashion-MNIST (or synthetic data)")
     from .train import add_arguments as _train_arguments  # light: argparse only, no torch work
@@ -56,6 +95,7 @@ def main(argv=None) -> int:
     _train_arguments(train)
     train.set_defaults(fn=_train)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.fn(args)
 
 

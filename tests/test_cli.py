@@ -1,26 +1,51 @@
-"""The quick CPU comparison behind `set-kernels bench`, on a small size."""
-import math
+"""The ``set-kernels`` command line: ``info`` and ``bench`` argument handling."""
 import subprocess
 import sys
 
-from set_kernels import bench
+import pytest
+import torch
+
+from set_kernels import backends, cli
 
 
-def test_run_quick_rows_and_table():
-    rows = bench.run_quick(features=256, tokens=16, block_size=32, densities=(0.25,), repeats=1,
-                           progress=lambda _msg: None)
-    assert [r["op"] for r in rows] == ["forward", "fwd+dX+dW", "masked_adam"]
-    for r in rows:
-        assert r["t_sparse_ms"] > 0 and r["t_dense_ms"] > 0
-        assert math.isclose(r["speedup"], r["t_dense_ms"] / r["t_sparse_ms"], rel_tol=1e-9)
-    assert math.isclose(rows[0]["E"], 0.25 * rows[0]["speedup"], rel_tol=1e-9)
-    table = bench.format_table(rows)
-    assert table.count("\n") == 1 + len(rows)
-    assert "| forward | 16x256x256 | 32 | 0.25 |" in table
+def test_info_names_every_backend():
+    out = subprocess.run([sys.executable, "-m", "set_kernels", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in backends.BACKENDS:
+        assert f"  {name} " in out.stdout, f"backend {name!r} missing from:\n{out.stdout}"
+    assert f"torch {torch.__version__}" in out.stdout
+    assert "_C:" in out.stdout
 
 
-def test_cli_rejects_unknown_backend():
-    out = subprocess.run([sys.executable, "-m", "set_kernels", "bench", "--backend", "nope"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "--backend" in out.stderr
+def test_info_says_why_a_backend_is_unavailable(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    for name in backends.BACKENDS:
+        ok, why = backends.availability(name)
+        line = next(line for line in text.splitlines() if line.startswith(f"  {name} "))
+        assert ("available" in line) and ((why in line) if not ok else ("unavailable" not in line))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--backend", "nope"], "--backend"),
+    (["--backends", "numba", "nope"], "--backends"),
+    (["--ops", "conv2d"], "ops"),
+    (["--dtypes", "int8"], "dtypes"),
+    (["--repeats", "0"], "repeats"),
+])
+def test_bench_rejects_bad_arguments(argv, needle, capsys, tmp_path):
+    assert cli.main(["bench", "--tiny", "--out", str(tmp_path), *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was measured or written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_cuda_without_gpu_fails_clearly(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--tiny"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_block_size():
+    out = subprocess.run([sys.executable, "-m", "set_kernels", "bench", "--block-size", "24"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--block-size" in out.stderr

@@ -1,0 +1,147 @@
+"""``set-kernels bench``: the real command on toy sizes writes a JSON that validates, a markdown
+table and a PNG; the derived figures (E, TFLOP/s, GB/s) are computed from the timings."""
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+import set_kernels
+from set_kernels import bench, cli
+from set_kernels.bench import cases, report, timing
+from set_kernels.bench.run import records_of
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["bench", "--quick", "--tiny", "--ops", "block_sparse_linear", "--out", str(out),
+                       "--no-progress"])
+    return rc, out, buf.getvalue()
+
+
+def test_bench_quick_writes_json_markdown_png(linear_run):
+    rc, out, stdout = linear_run
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.json", "tiny.md", "tiny.png"]
+    assert (out / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "tiny.md").read_text()
+    assert "| pass | tokens × in → out |" in md and "![speedup against density](tiny.png)" in md
+    assert "| forward | 16 × 256 → 256 | float32 | 32 | 0.25 | numba |" in stdout  # the table is printed
+
+
+def test_bench_json_validates_and_covers_the_grid(linear_run):
+    _, out, _ = linear_run
+    doc = json.loads((out / "tiny.json").read_text())
+    assert report.validate(doc) == []
+    meta = doc["meta"]
+    assert meta["device_type"] == "cpu" and meta["ops"] == ["block_sparse_linear"] and meta["mode"] == "tiny"
+    assert meta["versions"]["torch"] == torch.__version__
+    recs = doc["records"]
+    assert {r["op"] for r in recs} == {"block_sparse_linear"}
+    seen = {(r["pass"], r["impl"], r["density"]) for r in recs}
+    for density in (0.25, 1.0):
+        for impl in ("numba", "dense", "torch_bsr"):
+            assert ("forward", impl, density) in seen
+        for impl in ("numba", "dense"):
+            assert ("forward_backward", impl, density) in seen
+    for r in recs:
+        assert r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] and r["repeats"] == 2
+        assert math.isclose(r["speedup"], r["dense_ms"] / r["median_ms"], rel_tol=1e-9)
+        per_call = 2 * 16 * 256 * 256 * (r["density"] if r["kind"] != "dense" else 1)
+        assert math.isclose(r["flops"], per_call * (3 if r["pass"] == "forward_backward" else 1), rel_tol=1e-9)
+        assert math.isclose(r["tflops"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12, rel_tol=1e-9)
+    # nothing failed: only the documented, expected omissions are listed
+    assert all(s["impl"] in ("triton", "cuda", "torch", "torch_bsr") for s in doc["skipped"])
+
+
+def test_validate_catches_broken_documents(linear_run):
+    _, out, _ = linear_run
+    good = json.loads((out / "tiny.json").read_text())
+    breakers = [
+        lambda d: d.pop("schema"),
+        lambda d: d["meta"].pop("git"),
+        lambda d: d["meta"]["versions"].pop("numba"),
+        lambda d: d["ceilings"]["copy"].update(gbps=0),
+        lambda d: d["records"][0].pop("median_ms"),
+        lambda d: d["records"][0].pop("E"),
+        lambda d: d["records"][0].update(kind="fast"),
+        lambda d: d["records"][0].update(median_ms=-1.0),
+        lambda d: next(r for r in d["records"] if r["kind"] == "sparse").update(E=123.0),
+        lambda d: d.update(records={}),
+    ]
+    for i, br in enumerate(breakers):
+        doc = json.loads(json.dumps(good))
+        br(doc)
+        assert report.validate(doc), f"breaker {i} was not caught"
+
+
+def test_derived_figures():
+    group = cases.Group(op="masked_adam_", pass_="step", shape={"rows": 4, "cols": 4}, dtype="float32", block=16,
+                        density=0.25, nnz_blocks=1, kinds={"numba": "sparse", "dense": "dense"},
+                        flops={}, nbytes={"numba": 1000, "dense": 1000})
+    st = lambda ms: timing.Stats(median_ms=ms, q20_ms=ms, q80_ms=ms, min_ms=ms, max_ms=ms, repeats=3)  # noqa: E731
+    recs = {r["impl"]: r for r in records_of(group, {"numba": st(2.0), "dense": st(10.0)}, copy_gbps=1e-3)}
+    assert recs["numba"]["speedup"] == 5.0 and recs["numba"]["E"] == 1.25 and recs["dense"]["E"] is None
+    assert math.isclose(recs["numba"]["gbps"], 1000 / 2e-3 / 1e9) and math.isclose(recs["numba"]["copy_share"], 0.5)
+    assert recs["numba"]["tflops"] is None and recs["numba"]["backend"] == "numba" and recs["dense"]["backend"] is None
+
+
+def test_summarize_matches_torch_quantiles():
+    ts = torch.rand(11, generator=torch.Generator().manual_seed(3)).tolist()
+    s = timing.summarize(ts)
+    q = torch.quantile(torch.tensor(ts, dtype=torch.float64), torch.tensor([0.2, 0.8], dtype=torch.float64))
+    assert s.median_ms == statistics.median(ts) and s.repeats == 11
+    assert math.isclose(s.q20_ms, q[0].item()) and math.isclose(s.q80_ms, q[1].item())
+    assert s.min_ms == min(ts) and s.max_ms == max(ts)
+
+
+def test_default_backends_skip_reference_and_cpu_triton():
+    names, skipped = cases.select_backends(None, ["forward"], torch.device("cpu"), torch.float32)
+    assert "torch" not in names and "triton" not in names and "numba" in names
+    assert {n for n, _ in skipped} >= {"torch", "triton"}
+    names, skipped = cases.select_backends(["torch"], ["forward_backward"], torch.device("cpu"), torch.float32)
+    assert names == ["torch"] and skipped == []
+    names, skipped = cases.select_backends(["numba"], ["forward"], torch.device("cpu"), torch.bfloat16)
+    assert names == [] and "bfloat16" in skipped[0][1]
+
+
+def test_grids_cover_the_issue():
+    for dev in ("cpu", "cuda"):
+        full = bench.default_grid(dev, "full")
+        assert full.densities == (0.05, 0.1, 0.25, 0.5, 1.0) and full.blocks == (16, 32, 64, 128)
+        assert len({f for _, f, _ in full.linear}) >= 2 and full.mlp_densities == (0.03, 0.1)
+        assert tuple(full.mlp_layers) == (784, 1000, 1000, 1000, 10)
+    assert len({d for _, _, d in bench.default_grid("cuda", "full").linear}) >= 2
+
+
+def test_slug():
+    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench.slug("Intel(R) Xeon(R) Platinum 8480+") == "intel-xeon-platinum-8480"
+    assert bench.slug("AMD EPYC") == "amd-epyc"
+
+
+@pytest.mark.skipif(not hasattr(set_kernels, "SET"), reason="set_kernels.SET (the evolution issue) is not here")
+def test_bench_adam_and_set_mlp_step(tmp_path):
+    g = bench.default_grid("cpu", "tiny")
+    doc = bench.run("cpu", g, ("masked_adam_", "set_mlp_step"), mode="tiny", progress=False)
+    assert report.validate(doc) == []
+    adam = [r for r in doc["records"] if r["op"] == "masked_adam_"]
+    assert {r["impl"] for r in adam} == {"numba", "dense"}
+    for r in adam:
+        assert r["bytes"] > 0 and math.isclose(r["copy_share"], r["gbps"] / doc["ceilings"]["copy"]["gbps"])
+    mlp = [r for r in doc["records"] if r["op"] == "set_mlp_step"]
+    assert {(r["impl"], round(r["density"], 1)) for r in mlp} >= {("numba", 0.0), ("numba", 0.1), ("dense", 0.0)}
+    for r in mlp:
+        if r["kind"] == "sparse":
+            assert r["interval"] == g.mlp_interval and r["evolution_ms"] > 0
+            assert math.isclose(r["median_ms"], r["step_ms"] + r["evolution_ms"] / r["interval"], rel_tol=1e-9)
+    assert not [s for s in doc["skipped"] if s["impl"] == "-"]
+    paths = bench.write_all(doc, str(tmp_path), "x")
+    assert "set_mlp_step" in open(paths["md"]).read()
