@@ -42,11 +42,60 @@ _tables: OrderedDict = OrderedDict()
 
 
 @triton.jit
+def _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, base, n, scale, omb1, beta2, omb2, step_size, bc2_sqrt, eps,
+                p_factor, g_wd, P_DT: tl.constexpr, S_DT: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_SCALE: tl.constexpr, COUPLED_WD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                BOUNDED: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Elements ``base : base + BLOCK * ITERS`` of one tensor; ``BOUNDED``: mask off ``>= n``."""
+    for it in tl.static_range(ITERS):
+        offs = tl.max_contiguous(tl.multiple_of(base + it * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        if BOUNDED:
+            ok = offs < n
+            p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                live = tl.load(mask_ptr + offs, mask=ok, other=1) != 0
+        else:  # a full chunk: unmasked, so that the loads and stores vectorise
+            p = tl.load(p_ptr + offs).to(tl.float32)
+            g = tl.load(g_ptr + offs).to(tl.float32)
+            m = tl.load(m_ptr + offs).to(tl.float32)
+            v = tl.load(v_ptr + offs).to(tl.float32)
+            if HAS_MASK:
+                live = tl.load(mask_ptr + offs) != 0
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        p = p * p_factor
+        if COUPLED_WD:
+            g = g + g_wd * p
+        m = m + omb1 * (g - m)
+        v = beta2 * v + omb2 * (g * g)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        if HAS_MASK:
+            p = tl.where(live, p, 0.0)
+            m = tl.where(live, m, 0.0)
+            v = tl.where(live, v, 0.0)
+        p = _common.cast_out(p, P_DT, INTERPRETED)
+        m = _common.cast_out(m, S_DT, INTERPRETED)
+        v = _common.cast_out(v, S_DT, INTERPRETED)
+        if BOUNDED:
+            tl.store(p_ptr + offs, p, mask=ok)
+            tl.store(m_ptr + offs, m, mask=ok)
+            tl.store(v_ptr + offs, v, mask=ok)
+        else:
+            tl.store(p_ptr + offs, p)
+            tl.store(m_ptr + offs, m)
+            tl.store(v_ptr + offs, v)
+
+
+@triton.jit
 def _masked_adam_kernel(addrs, numels, chunk_start, n_tensors, scale_ptr, inf_ptr,
                         omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor, g_wd,
-                        P_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-                        COUPLED_WD: tl.constexpr, LOG_N: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                        INTERPRETED: tl.constexpr):
+                        P_DT: tl.constexpr, S_DT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        HAS_INF: tl.constexpr, COUPLED_WD: tl.constexpr, LOG_N: tl.constexpr, BLOCK: tl.constexpr,
+                        ITERS: tl.constexpr, ALIGNED: tl.constexpr, INTERPRETED: tl.constexpr):
     pid = tl.program_id(0)
     # Binary search: the tensor t with chunk_start[t] <= pid < chunk_start[t + 1].
     lo = pid * 0
@@ -64,41 +113,27 @@ def _masked_adam_kernel(addrs, numels, chunk_start, n_tensors, scale_ptr, inf_pt
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DT))
     m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DT))
     v_ptr = tl.load(row + 3).to(tl.pointer_type(S_DT))
-    mask_addr = tl.load(row + 4)
-    has_mask = mask_addr != 0
-    mask_ptr = mask_addr.to(tl.pointer_type(tl.int8))
+    mask_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int8))
+    if ALIGNED:  # every address of the group is 16-byte aligned: allow vector loads and stores
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        mask_ptr = tl.multiple_of(mask_ptr, 16)
 
     if HAS_INF:  # nothing is loaded or stored when found_inf is set
         n = tl.where(tl.load(inf_ptr) == 0.0, n, 0)
-    # Scalar bools are folded into the bounds (the interpreter cannot AND a scalar bool into a block).
-    n_mask = tl.where(has_mask, n, 0)
+    scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr)
 
     base = chunk.to(tl.int64) * (BLOCK * ITERS)
-    for it in tl.static_range(ITERS):
-        offs = base + it * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        live = tl.load(mask_ptr + offs, mask=offs < n_mask, other=1) != 0
-        if HAS_SCALE:
-            g = tl.div_rn(g, scale)
-        p = p * p_factor
-        if COUPLED_WD:
-            g = g + g_wd * p
-        m = m + omb1 * (g - m)
-        v = beta2 * v + omb2 * (g * g)
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p - step_size * tl.div_rn(m, denom)
-        p = tl.where(live, p, 0.0)
-        m = tl.where(live, m, 0.0)
-        v = tl.where(live, v, 0.0)
-        tl.store(p_ptr + offs, _common.cast_out(p, P_DT, INTERPRETED), mask=ok)
-        tl.store(m_ptr + offs, _common.cast_out(m, S_DT, INTERPRETED), mask=ok)
-        tl.store(v_ptr + offs, _common.cast_out(v, S_DT, INTERPRETED), mask=ok)
+    if base + BLOCK * ITERS <= n:
+        _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, base, n, scale, omb1, beta2, omb2, step_size, bc2_sqrt,
+                    eps, p_factor, g_wd, P_DT, S_DT, HAS_MASK, HAS_SCALE, COUPLED_WD, BLOCK, ITERS, False, INTERPRETED)
+    else:
+        _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, base, n, scale, omb1, beta2, omb2, step_size, bc2_sqrt,
+                    eps, p_factor, g_wd, P_DT, S_DT, HAS_MASK, HAS_SCALE, COUPLED_WD, BLOCK, ITERS, True, INTERPRETED)
 
 
 def _device_scalar(name, t, device):
@@ -196,23 +231,25 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
             keep.append(g)
         row = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
                p.numel())
-        groups.setdefault((p.dtype, m.dtype), []).append(row)
+        groups.setdefault((p.dtype, m.dtype, mask is not None), []).append(row)
 
     bc1 = 1 - beta1 ** step
     bc2_sqrt = math.sqrt(1 - beta2 ** step)
     wd = float(weight_decay)
     decoupled = bool(decoupled_weight_decay)
     p_factor = 1 - lr * wd if (decoupled and wd != 0) else 1.0
-    for (p_dtype, s_dtype), rows in groups.items():
-        key = (str(device), p_dtype, s_dtype, tuple(rows))
+    for (p_dtype, s_dtype, has_mask), rows in groups.items():
+        key = (str(device), p_dtype, s_dtype, has_mask, tuple(rows))
+        aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
         addrs, numels, starts, n_chunks = _tables_for(key, rows, device)
         _masked_adam_kernel[(n_chunks,)](
             addrs, numels, starts, len(rows),
             scale_t if scale_t is not None else starts, inf_t if inf_t is not None else starts,
-            1 - beta1, beta2, 1 - beta2, lr / bc1, bc2_sqrt, eps, p_factor, wd,
-            P_DT=_common.TL_DTYPES[p_dtype], S_DT=_common.TL_DTYPES[s_dtype],
+            *(float(h) for h in (1 - beta1, beta2, 1 - beta2, lr / bc1, bc2_sqrt, eps, p_factor, wd)),
+            P_DT=_common.TL_DTYPES[p_dtype], S_DT=_common.TL_DTYPES[s_dtype], HAS_MASK=has_mask,
             HAS_SCALE=scale_t is not None, HAS_INF=inf_t is not None,
             COUPLED_WD=(wd != 0 and not decoupled), LOG_N=max(1, len(rows).bit_length()),
-            BLOCK=BLOCK, ITERS=ITERS, INTERPRETED=_common.INTERPRET, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned,
+            INTERPRETED=_common.INTERPRET, num_warps=NUM_WARPS,
         )
     del keep
