@@ -27,6 +27,9 @@ import torch
 from ._checks import check_block_size, check_fraction, check_int, check_tensor
 
 
+_INT32_LIMIT = 2**31 - 1
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -46,6 +49,10 @@ class BlockSparseLayout:
         row_ptr = row_ptr.to(device=device, dtype=torch.int64)
         col_idx = col_idx.to(device=device, dtype=torch.int64)
         nnz = col_idx.numel()
+        if max(nnz, n_rows, n_cols) >= _INT32_LIMIT:
+            # The packed index is int32 (offsets into values are formed in int64 by the kernels).
+            raise ValueError(f"shape: a {n_rows} x {n_cols} block grid with {nnz} live blocks does not fit "
+                             f"the int32 layout index (each must be < 2**31 - 1)")
         counts = row_ptr[1:] - row_ptr[:-1]
         block_row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts, output_size=nnz)
         # CSC order: sort by (column, row); a stable sort on the column keeps rows ascending.
@@ -121,6 +128,9 @@ class BlockSparseLayout:
                 raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
         if row_ptr.device != col_idx.device:
             raise ValueError(f"col_idx: expected a tensor on {row_ptr.device} (the device of row_ptr), got {col_idx.device}")
+        if row_ptr.device.type == "meta":
+            raise ValueError("row_ptr: a meta tensor has no values to check; build the layout on a real device "
+                             "and move it with layout.to('meta')")
         n_rows, n_cols = _ceil_div(rows, block_size), _ceil_div(cols, block_size)
         _check_csr(row_ptr.long(), col_idx.long(), n_rows, n_cols)
         return cls(row_ptr, col_idx, (rows, cols), block_size)

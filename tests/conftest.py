@@ -182,3 +182,18 @@ def require_cuda_backend(name: str, op: str, dtype: torch.dtype) -> torch.device
     if reasons:
         pytest.skip(f"backend {name!r} cannot run {op} on cuda {dtype}: {'; '.join(reasons)}")
     return device
+
+
+# Hypothesis profiles (tests/test_fuzz.py): a bounded "ci" budget by default, and a "long" one
+# for local runs with `pytest tests/test_fuzz.py --hypothesis-profile=long`. Registered here so
+# that the option, which hypothesis applies when pytest starts, can find them.
+try:
+    from hypothesis import HealthCheck, settings as _hyp_settings
+except ImportError:  # hypothesis is a test dependency; test_fuzz.py fails clearly without it
+    pass
+else:
+    _hyp_settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
+                                   suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.register_profile("long", max_examples=400, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
