@@ -334,6 +334,25 @@ def test_masked_adam_mixed_dtypes_in_one_call():
         _check_state(p, rp, p.dtype, f"params[{i}]")
 
 
+def test_masked_adam_misaligned_views_and_exact_chunks():
+    """Tensors that are views at an odd element offset (no 16-byte alignment: the unhinted path on
+    a GPU), and a tensor of exactly two chunks (no bounded chunk)."""
+    chunk = importlib.import_module("set_kernels.backends.triton.masked_adam").CHUNK
+    n = 2 * chunk
+    bufs = [randn(n + 1, seed=s).to(DEVICE) for s in range(4)]
+    p, g, m = (b[1:] for b in bufs[:3])
+    v = bufs[3][1:].abs()
+    mask = torch.zeros(n + 1, dtype=torch.bool, device=DEVICE)[1:]
+    mask[::3] = True
+    exact = make_adam_state(torch.float32, seed=31, shapes=[(n,)])
+    ps, gs, ms, vs, ks = ([a] + b for a, b in zip((p, g, m, v, mask), exact))
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    refs = [adam_ref(*t, step=2, decoupled=True, grad_scale=None, **hyper) for t in zip(ps, gs, ms, vs, ks)]
+    sk.ops.masked_adam_(ps, gs, ms, vs, ks, step=2, decoupled_weight_decay=True, backend="triton", **hyper)
+    for i, (q, (rp, _, _)) in enumerate(zip(ps, refs)):
+        _check_state(q, rp, torch.float32, f"params[{i}]")
+
+
 def test_masked_adam_optimizer_public_path():
     """sk.optim.MaskedAdam(backend="triton") steps like the torch backend."""
     ours = [torch.nn.Parameter(randn(40, 33, seed=1).to(DEVICE)), torch.nn.Parameter(randn(7, seed=2).to(DEVICE))]

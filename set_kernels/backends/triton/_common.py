@@ -20,6 +20,7 @@ switched on, with ``SET_KERNELS_TRITON_TF32=1`` in the environment (read at ever
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -101,6 +102,13 @@ def check_device(t: torch.Tensor, name: str) -> None:
         how = ("triton is interpreting (TRITON_INTERPRET=1), which runs CPU tensors only" if INTERPRET
                else "compiled triton kernels run CUDA tensors only")
         raise ValueError(f"{name}: expected a {want} tensor, got {t.device} ({how})")
+
+
+def on_device(device: torch.device):
+    """Context in which triton launches on ``device`` (it launches on torch's current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def check_index(t: torch.Tensor, name: str) -> None:

@@ -100,8 +100,9 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     if M == 0 or cols == 0:
         return dx
     n_in = col_ptr.numel() - 1
-    _dds_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_in,)](
-        dy, values, col_ptr, row_idx, perm, dx, M, rows, cols, n_in, _common.bucket(M),
-        B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype),
-    )
+    with _common.on_device(dy.device):
+        _dds_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_in,)](
+            dy, values, col_ptr, row_idx, perm, dx, M, rows, cols, n_in, _common.bucket(M),
+            B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype),
+        )
     return dx

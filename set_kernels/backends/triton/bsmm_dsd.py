@@ -107,8 +107,9 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     if M == 0 or rows == 0:
         return y
     n_out = row_ptr.numel() - 1
-    _dsd_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_out,)](
-        x, values, row_ptr, col_idx, bias if bias is not None else y, y, M, rows, cols, n_out, _common.bucket(M),
-        B=b, HAS_BIAS=bias is not None, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(x.dtype),
-    )
+    with _common.on_device(x.device):
+        _dsd_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_out,)](
+            x, values, row_ptr, col_idx, bias if bias is not None else y, y, M, rows, cols, n_out, _common.bucket(M),
+            B=b, HAS_BIAS=bias is not None, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(x.dtype),
+        )
     return y

@@ -125,12 +125,13 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *
     per_split = triton.cdiv(triton.cdiv(M, splits), 16) * 16
     splits = triton.cdiv(M, per_split)
     common = dict(B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype))
-    if splits == 1:
-        _sdd_kernel[(nnz, 1)](dy, x, block_row, col_idx, dv, M, rows, cols, nnz, per_split, _common.bucket(M),
-                              PARTIAL=False, **common)
-        return dv
-    ws = torch.empty(splits, nnz, b, b, dtype=torch.float32, device=dy.device)
-    _sdd_kernel[(nnz, splits)](dy, x, block_row, col_idx, ws, M, rows, cols, nnz, per_split, _common.bucket(M),
-                               PARTIAL=True, **common)
-    _sum_splits_kernel[(nnz,)](ws, dv, nnz, splits, B=b, INTERPRETED=_common.INTERPRET, num_warps=4)
+    with _common.on_device(dy.device):
+        if splits == 1:
+            _sdd_kernel[(nnz, 1)](dy, x, block_row, col_idx, dv, M, rows, cols, nnz, per_split, _common.bucket(M),
+                                  PARTIAL=False, **common)
+            return dv
+        ws = torch.empty(splits, nnz, b, b, dtype=torch.float32, device=dy.device)
+        _sdd_kernel[(nnz, splits)](dy, x, block_row, col_idx, ws, M, rows, cols, nnz, per_split, _common.bucket(M),
+                                   PARTIAL=True, **common)
+        _sum_splits_kernel[(nnz,)](ws, dv, nnz, splits, B=b, INTERPRETED=_common.INTERPRET, num_warps=4)
     return dv

@@ -1,4 +1,5 @@
-"""Triton fused masked Adam/AdamW: one launch per (param dtype, moment dtype) group of tensors.
+"""Triton fused masked Adam/AdamW: one launch per group of tensors of one (param dtype, moment
+dtype, with or without a mask), usually one or two launches per optimizer step.
 
 **Multi-tensor.** The tensors of a group are described by three small int64 tables:
 ``addrs (n, 5)`` (addresses of p, g, m, v and the bool mask, 0 for no mask), ``numels (n,)`` and
@@ -11,13 +12,19 @@ host addresses it reads). The tables are cached by the tuple of addresses and si
 optimizer stepping the same tensors uploads them once; a new table goes up from pinned memory
 with a non-blocking copy.
 
+**Memory access.** A chunk that lies wholly inside its tensor (all but the last of each tensor)
+is processed with unmasked loads and stores; with every address of the group 16-byte aligned
+(checked on the host, the usual case) they compile to 16-byte vector accesses. The last chunk
+of each tensor uses bounds-masked accesses.
+
 **Math** (fp32, as ``torch.optim.Adam``): ``g = grad / grad_scale``; AdamW: ``p *= 1 - lr*wd``,
 Adam-L2: ``g += wd * p``; ``m += (1 - beta1) * (g - m)``; ``v = beta2 * v + (1 - beta2) * g*g``;
 ``p -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)``, with IEEE
 division and square root. Where the mask is False, p, m and v become exactly 0.
 
 **AMP.** ``grad_scale`` and ``found_inf`` are read by the kernel from device memory (no host
-sync). When ``found_inf`` is non-zero, every load and store is masked off: nothing changes.
+sync). When ``found_inf`` is non-zero the element count is taken as 0, so every load and store
+is masked off: nothing changes.
 
 No autotuning here: the kernel updates in place, and autotuning would run it several times.
 """
@@ -238,18 +245,19 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
     wd = float(weight_decay)
     decoupled = bool(decoupled_weight_decay)
     p_factor = 1 - lr * wd if (decoupled and wd != 0) else 1.0
-    for (p_dtype, s_dtype, has_mask), rows in groups.items():
-        key = (str(device), p_dtype, s_dtype, has_mask, tuple(rows))
-        aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
-        addrs, numels, starts, n_chunks = _tables_for(key, rows, device)
-        _masked_adam_kernel[(n_chunks,)](
-            addrs, numels, starts, len(rows),
-            scale_t if scale_t is not None else starts, inf_t if inf_t is not None else starts,
-            *(float(h) for h in (1 - beta1, beta2, 1 - beta2, lr / bc1, bc2_sqrt, eps, p_factor, wd)),
-            P_DT=_common.TL_DTYPES[p_dtype], S_DT=_common.TL_DTYPES[s_dtype], HAS_MASK=has_mask,
-            HAS_SCALE=scale_t is not None, HAS_INF=inf_t is not None,
-            COUPLED_WD=(wd != 0 and not decoupled), LOG_N=max(1, len(rows).bit_length()),
-            BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned,
-            INTERPRETED=_common.INTERPRET, num_warps=NUM_WARPS,
-        )
+    with _common.on_device(device):
+        for (p_dtype, s_dtype, has_mask), rows in groups.items():
+            key = (str(device), p_dtype, s_dtype, has_mask, tuple(rows))
+            aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
+            addrs, numels, starts, n_chunks = _tables_for(key, rows, device)
+            _masked_adam_kernel[(n_chunks,)](
+                addrs, numels, starts, len(rows),
+                scale_t if scale_t is not None else starts, inf_t if inf_t is not None else starts,
+                *(float(h) for h in (1 - beta1, beta2, 1 - beta2, lr / bc1, bc2_sqrt, eps, p_factor, wd)),
+                P_DT=_common.TL_DTYPES[p_dtype], S_DT=_common.TL_DTYPES[s_dtype], HAS_MASK=has_mask,
+                HAS_SCALE=scale_t is not None, HAS_INF=inf_t is not None,
+                COUPLED_WD=(wd != 0 and not decoupled), LOG_N=max(1, len(rows).bit_length()),
+                BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned,
+                INTERPRETED=_common.INTERPRET, num_warps=NUM_WARPS,
+            )
     del keep
