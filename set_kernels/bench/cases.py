@@ -95,6 +95,8 @@ def _try_add(group: Group, impl: str, kind: str, build):
     try:
         fn = build()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a failing GPU launch is reported here, against this impl
     except Exception as exc:  # a baseline torch does not support here (dtype, device, layout)
         group.skipped.append((impl, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
         return

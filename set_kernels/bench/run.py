@@ -168,12 +168,19 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
         for g in groups:
             for impl, reason in g.skipped:
                 doc["skipped"].append({"op": g.op, "pass": g.pass_, "impl": impl, "case": label, "reason": reason})
-            if g.fns:
+            if not g.fns:
+                continue
+            try:
                 stats = timing.time_group(g.fns, device, repeats=grid.repeats, warmup=grid.warmup,
                                           rep_ms=grid.rep_ms)
-                if g.postprocess is not None:
-                    stats = g.postprocess(stats)
-                doc["records"] += records_of(g, stats, copy_gbps)
+            except Exception as exc:  # e.g. a GPU kernel failing only under repetition
+                doc["skipped"].append({"op": g.op, "pass": g.pass_, "impl": "-", "case": label,
+                                       "reason": f"timing failed: {type(exc).__name__}: {exc}"})
+                log(f"set-kernels bench: timing {label} {g.pass_} failed: {type(exc).__name__}: {exc}")
+                continue
+            if g.postprocess is not None:
+                stats = g.postprocess(stats)
+            doc["records"] += records_of(g, stats, copy_gbps)
         del groups
         bar.update()
     bar.close()

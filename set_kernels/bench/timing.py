@@ -119,8 +119,7 @@ def copy_bandwidth(device: torch.device, *, nbytes: int, repeats: int, rep_ms: i
     memory-bound op is compared with (a buffer much larger than the caches is used).
     """
     n = max(1, nbytes // 4)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    src = torch.randn(n, generator=gen).to(device)
+    src = torch.empty(n, device=device).uniform_(-1.0, 1.0)  # random, never zeros
     dst = torch.empty_like(src)
     stats = time_group({"copy": lambda: dst.copy_(src)}, device, repeats=repeats, warmup=2, rep_ms=rep_ms)["copy"]
     moved = 2 * n * 4
