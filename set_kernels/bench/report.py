@@ -10,7 +10,8 @@ JSON document (``<stem>.json``; ``schema`` = 1)::
         "versions": {"python", "torch", "triton", "numba", "numpy", "set_kernels": str | null},
         "git": {"commit": str | null, "dirty": bool | null},
         "command": str,  "mode": "quick" | "full" | "tiny",  "ops": [str],
-        "timing": str,  "started_at": ISO-8601 UTC str,  "wall_s": float,  "grid": {...}
+        "timing": str,  "started_at": ISO-8601 UTC str,  "wall_s": float,  "grid": {...},
+        "loadavg": float | null,  "loadavg_end": float | null   (1-minute load at start and end)
       },
       "ceilings": {"copy": {"bytes": int, "gbps": float, "median_ms": float, ...}},
       "records": [record, ...],
@@ -197,7 +198,7 @@ def format_markdown(doc: dict, *, image: str | None = None) -> str:
     copy = doc["ceilings"]["copy"]
     out = [f"# set-kernels bench: {m['device_name']} ({m['device_type']}, {m['threads']} threads)", "",
            f"- command: `{m['command']}` ({m['mode']} grid), commit `{commit}`, {m['started_at']}, "
-           f"{m['wall_s']:.0f} s",
+           f"{m['wall_s']:.0f} s, 1-min load average {m.get('loadavg')} at start, {m.get('loadavg_end')} at end",
            f"- torch {v['torch']}, triton {v['triton']}, numba {v['numba']}, numpy {v['numpy']}, "
            f"python {v['python']}",
            f"- timing: {m['timing']}",

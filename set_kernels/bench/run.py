@@ -66,8 +66,16 @@ def metadata(device: torch.device, mode: str, ops, grid: Grid, command: str) -> 
                      "numba": _version("numba"), "numpy": _version("numpy"), "set_kernels": set_kernels.__version__},
         "git": git_info(), "command": command, "mode": mode, "ops": list(ops), "timing": timing_doc,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": 0.0, "grid": dataclasses.asdict(grid),
+        "wall_s": 0.0, "grid": dataclasses.asdict(grid), "loadavg": _loadavg(),
     }
+
+
+def _loadavg():
+    """The 1-minute load average (how busy the machine was), or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def plan(grid: Grid, ops, device: torch.device, requested_backends):
@@ -185,4 +193,5 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
         bar.update()
     bar.close()
     doc["meta"]["wall_s"] = time.perf_counter() - t_start
+    doc["meta"]["loadavg_end"] = _loadavg()
     return doc
