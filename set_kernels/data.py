@@ -27,6 +27,7 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 STANDARD_DIR = "/usr/share/datasets/fashion-mnist"
 N_FEATURES = 784
 N_CLASSES = 10
+N_TRAIN, N_TEST = 60000, 10000
 STD_FLOOR = 0.05
 
 

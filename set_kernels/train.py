@@ -140,6 +140,9 @@ def count_weights(model) -> tuple[int, int]:
 def _load_data(args):
     from . import data
 
+    if args.train_samples > data.N_TRAIN or args.test_samples > data.N_TEST:
+        raise ValueError(f"--train-samples / --test-samples: at most {data.N_TRAIN} / {data.N_TEST} "
+                         f"(the Fashion-MNIST sizes), got {args.train_samples} / {args.test_samples}")
     source = args.data
     directory = None
     if source in (None, "fashion-mnist"):
@@ -156,9 +159,7 @@ def _load_data(args):
     if source == "fashion-mnist":
         raw = data.load_fashion_mnist(directory)
     else:
-        raw = data.synthetic(max(args.train_samples, 1), max(args.test_samples, 1), seed=1234)
-    if args.train_samples > len(raw[0]) or args.test_samples > len(raw[2]):
-        raise ValueError(f"--train-samples / --test-samples: at most {len(raw[0])} / {len(raw[2])} available")
+        raw = data.synthetic(args.train_samples, args.test_samples, seed=1234)
     return source, directory, data.prepare(*raw, args.train_samples, args.test_samples)
 
 
@@ -245,7 +246,7 @@ def _run(args, log) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(-1) == yb).sum())
             if s == steps_per_epoch - 1:
                 t1 = time.perf_counter()
