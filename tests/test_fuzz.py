@@ -249,3 +249,18 @@ def test_regression_degenerate_shapes(backend, rows, cols, b, poison_alloc):
     assert_close_scaled(y, y_ref, 1e-11, "y")
     assert_close_scaled(x.grad, dx_ref, 1e-11, "dx")
     assert_close_scaled(values.grad, dv_ref, 1e-11, "dvalues")
+
+
+@pytest.mark.parametrize("backend", REQUIRED_CPU_BACKENDS)
+def test_double_backward(backend):
+    """Each backward is written with the three ops, so second derivatives exist (gradgradcheck)."""
+    layout, g = make(20, 33, 16, 0.5, 0)
+    x = rnd(g, 3, 33, dtype=torch.float64).requires_grad_()
+    values = rnd(g, layout.nnz_blocks, 16, 16, dtype=torch.float64).requires_grad_()
+    bias = rnd(g, 20, dtype=torch.float64).requires_grad_()
+
+    def fn(x, values, bias):
+        return sk.ops.block_sparse_linear(x, values, layout, bias, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, values, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, values, bias))
