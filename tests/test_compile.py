@@ -42,7 +42,7 @@ def make_model(backend, device="cpu", dtype=torch.float32, seed=0):
     """SparseLinear (partial edge blocks) -> ReLU -> MaskedLinear -> SparseLinear (no bias)."""
     g = gen(seed)
     return torch.nn.Sequential(
-        sk.nn.SparseLinear(70, 45, density=0.5, block_size=16, generator=g, backend=backend, device=device,
+        sk.nn.SparseLinear(61, 45, density=0.5, block_size=16, generator=g, backend=backend, device=device,
                            dtype=dtype),
         torch.nn.ReLU(),
         sk.nn.MaskedLinear(45, 33, density=0.4, generator=g, device=device, dtype=dtype),
@@ -79,7 +79,7 @@ def run_both(model, xs, compiler="aot_eager", dynamic=None):
 def test_fullgraph_forward_and_grads_match_eager(backend):
     require_backend(backend)
     model = make_model(backend)
-    xs = [randn(6, 70, seed=1), randn(6, 70, seed=2)]
+    xs = [randn(6, 61, seed=1), randn(6, 61, seed=2)]
     counter = run_both(model, xs)
     # One graph for the whole model, no recompilation for a new input of the same shape.
     assert counter.frame_count == 1, f"{counter.frame_count} frames compiled (graph breaks or recompiles)"
@@ -91,7 +91,7 @@ def test_explain_reports_no_graph_break_cold(backend, monkeypatch):
     require_backend(backend)
     monkeypatch.setattr(backends, "_loaded", {})
     model = make_model(backend)
-    explanation = torch._dynamo.explain(model)(randn(4, 70, seed=1))
+    explanation = torch._dynamo.explain(model)(randn(4, 61, seed=1))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     op_names = [str(op) for ops in explanation.ops_per_graph for op in ops]
@@ -102,7 +102,7 @@ def test_explain_reports_no_graph_break_cold(backend, monkeypatch):
 def test_leading_batch_dims_and_dynamic_shapes(backend):
     require_backend(backend)
     model = make_model(backend)
-    xs = [randn(2, 3, 70, seed=1), randn(2, 9, 70, seed=4), randn(5, 70, seed=2), randn(7, 70, seed=3)]
+    xs = [randn(2, 3, 61, seed=1), randn(2, 9, 61, seed=4), randn(5, 61, seed=2), randn(7, 61, seed=3)]
     counter = run_both(model, xs, dynamic=True)
     assert counter.frame_count == 2  # one graph per input rank, none per batch size
 
@@ -113,7 +113,7 @@ def test_after_load_state_dict_and_to(monkeypatch):
     other = make_model("numba", seed=5)  # different layouts, same nnz (same densities and shapes)
     model.load_state_dict(other.state_dict())
     model.to(torch.float64)
-    x = randn(6, 70, seed=1, dtype=torch.float64)
+    x = randn(6, 61, seed=1, dtype=torch.float64)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch.testing.assert_close(model(x), other.to(torch.float64)(x))
@@ -128,7 +128,7 @@ def test_training_steps_compiled_match_eager():
     compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, compiled_model)]
     for step in range(3):
-        x, target = randn(8, 70, seed=10 + step), randn(8, 19, seed=20 + step)
+        x, target = randn(8, 61, seed=10 + step), randn(8, 19, seed=20 + step)
         for m, opt in zip((model, compiled), opts):
             opt.zero_grad()
             torch.nn.functional.mse_loss(m(x), target).backward()
@@ -140,22 +140,22 @@ def test_training_steps_compiled_match_eager():
 def test_inductor_fullgraph():
     """The default compiler (inductor, C++ codegen on CPU) around the opaque custom ops."""
     model = make_model("numba")
-    counter = run_both(model, [randn(6, 70, seed=1)], compiler="inductor")
+    counter = run_both(model, [randn(6, 61, seed=1)], compiler="inductor")
     assert counter.frame_count == 1
 
 
 def test_compiled_functional_op_backend_error_keeps_its_type():
     """A backend that cannot run raises the same RuntimeError compiled as in eager."""
-    layout = sk.BlockSparseLayout.random(40, 70, 16, 0.5, generator=gen(0))
+    layout = sk.BlockSparseLayout.random(40, 61, 16, 0.5, generator=gen(0))
     values = randn(layout.nnz_blocks, 16, 16, seed=2)
 
     def fn(x):
         return sk.ops.block_sparse_linear(x, values, layout, backend="cuda")
 
     with pytest.raises(RuntimeError, match="cuda"):
-        fn(randn(3, 70, seed=1))
+        fn(randn(3, 61, seed=1))
     with pytest.raises(RuntimeError, match="cuda"):
-        torch.compile(fn, backend="aot_eager")(randn(3, 70, seed=1))
+        torch.compile(fn, backend="aot_eager")(randn(3, 61, seed=1))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS + ("torch",))
@@ -166,6 +166,6 @@ def test_fullgraph_cuda(backend):
     if reasons:
         pytest.skip(f"backend {backend!r} cannot run on cuda: {'; '.join(reasons)}")
     model = make_model(backend, device="cuda")
-    xs = [randn(6, 70, seed=1).cuda(), randn(6, 70, seed=2).cuda()]
+    xs = [randn(6, 61, seed=1).cuda(), randn(6, 61, seed=2).cuda()]
     counter = run_both(model, xs, compiler="inductor")
     assert counter.frame_count == 1
