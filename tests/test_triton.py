@@ -388,6 +388,26 @@ def test_masked_adam_pointer_table_cache_is_correct_after_reuse():
         assert len(mod._tables) == 2 * seed
 
 
+# ------------------------------------------------------------------------- autotune configs
+@pytest.mark.parametrize("op", ["bsmm_dsd", "bsmm_dds", "bsmm_sdd"])
+def test_autotune_config_pruning(op):
+    """The GPU config pruning (called by the autotuner with positional args and keyword args
+    apart) keeps a non-empty subset for every block size and dtype, within the budgets."""
+    from set_kernels.backends.triton import _common
+
+    mod = importlib.import_module(f"set_kernels.backends.triton.{op}")
+    ptr = "x_ptr" if op == "bsmm_dsd" else "dy_ptr"
+    for b in (16, 32, 64, 128):
+        for dtype in DTYPES:
+            kept = mod._prune(mod.CONFIGS, {ptr: torch.empty(0, dtype=dtype)}, B=b)
+            assert kept and all(c in mod.CONFIGS for c in kept)
+            item = torch.empty(0, dtype=dtype).element_size()
+            for c in kept:
+                tile = (c.kwargs["BLOCK_M"] * b + b * b) if "BLOCK_M" in c.kwargs else 2 * c.kwargs["BLOCK_K"] * b
+                assert _common.smem_bytes(tile, item, c.num_stages) <= _common.SMEM_BUDGET or len(kept) == 1
+    assert len(mod.CONFIGS) > 1
+
+
 # ------------------------------------------------------------------------- dispatch, flags
 def test_dispatch_triton_on_this_device_and_auto_on_cpu():
     for op in backends.OPS:

@@ -70,8 +70,9 @@ def autotune(configs, interpreter_config, key, prune=None):
 
 
 def smem_bytes(tiles_elems: int, itemsize: int, stages: int) -> int:
-    """Shared memory a software-pipelined loop of ``stages`` stages over operand tiles needs."""
-    return tiles_elems * itemsize * max(1, stages)
+    """Shared memory of a loop pipelined over ``stages`` stages (``stages - 1`` tile buffers in
+    flight) whose operand tiles hold ``tiles_elems`` elements: the estimate config pruning uses."""
+    return tiles_elems * itemsize * max(1, stages - 1)
 
 
 # A conservative shared-memory budget for config pruning (every sm_80+ part has more).

@@ -21,14 +21,16 @@ from . import _common
 
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]
+    for bm, w, s in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4),
+                      (256, 8, 3)]
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
 
 
 def _prune(configs, named_args, **kwargs):
-    b = named_args["B"]
-    item = named_args["dy_ptr"].element_size()
+    args = {**named_args, **kwargs}  # the autotuner passes positional args and keyword args apart
+    b = args["B"]
+    item = args["dy_ptr"].element_size()
     kept = []
     for cfg in configs:
         bm = cfg.kwargs["BLOCK_M"]
@@ -37,7 +39,8 @@ def _prune(configs, named_args, **kwargs):
         if _common.smem_bytes(bm * b + b * b, item, cfg.num_stages) > _common.SMEM_BUDGET:
             continue
         kept.append(cfg)
-    return kept or [configs[0]]
+    # none fits: the smallest (the autotuner needs one)
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
 
 
 @_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols"], prune=_prune)
@@ -61,9 +64,12 @@ def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_
     q0 = tl.load(col_ptr + c)
     q1 = tl.load(col_ptr + c + 1)
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    # Indices loaded one iteration ahead, so that the loop pipelines (see bsmm_dsd).
+    r = tl.load(row_idx + q0, mask=q0 < q1, other=0)
+    k = tl.load(perm + q0, mask=q0 < q1, other=0)
     for q in range(q0, q1):
-        r = tl.load(row_idx + q)
-        k = tl.load(perm + q)
+        r_next = tl.load(row_idx + q + 1, mask=q + 1 < q1, other=0)
+        k_next = tl.load(perm + q + 1, mask=q + 1 < q1, other=0)
         i = r * B + offs_b  # output features (rows of W) of this block
         i_ok = i < rows
         g = tl.load(dy_rows + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
@@ -74,6 +80,8 @@ def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_
             g = g.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        r = r_next
+        k = k_next
 
     j = c * B + offs_b
     j_ok = j < cols

@@ -25,14 +25,16 @@ from . import _common
 # (BLOCK_M, num_warps, num_stages); pruned per block size by shared memory below.
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]
+    for bm, w, s in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4),
+                      (256, 8, 3)]
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
 
 
 def _prune(configs, named_args, **kwargs):
-    b = named_args["B"]
-    item = named_args["x_ptr"].element_size()
+    args = {**named_args, **kwargs}  # the autotuner passes positional args and keyword args apart
+    b = args["B"]
+    item = args["x_ptr"].element_size()
     kept = []
     for cfg in configs:
         bm = cfg.kwargs["BLOCK_M"]
@@ -41,7 +43,8 @@ def _prune(configs, named_args, **kwargs):
         if _common.smem_bytes(bm * b + b * b, item, cfg.num_stages) > _common.SMEM_BUDGET:
             continue
         kept.append(cfg)
-    return kept or [configs[0]]
+    # none fits: the smallest (the autotuner needs one)
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
 
 
 @_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "HAS_BIAS"], prune=_prune)
@@ -65,8 +68,12 @@ def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, 
     e0 = tl.load(row_ptr + r)
     e1 = tl.load(row_ptr + r + 1)
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    # The block column is loaded one iteration ahead: a tile address that depends on a load made
+    # in the same iteration keeps triton's pipeliner from multi-buffering the loop (seen in the
+    # compiled shared-memory size), so the index load is carried over instead.
+    c = tl.load(col_idx + e0, mask=e0 < e1, other=0)
     for e in range(e0, e1):
-        c = tl.load(col_idx + e)
+        c_next = tl.load(col_idx + e + 1, mask=e + 1 < e1, other=0)
         j = c * B + offs_b  # input features of this block
         j_ok = j < cols
         xt = tl.load(x_rows + j[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
@@ -77,6 +84,7 @@ def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, 
             xt = xt.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
+        c = c_next
 
     i = r * B + offs_b
     i_ok = i < rows

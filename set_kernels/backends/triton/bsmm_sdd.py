@@ -26,18 +26,20 @@ MAX_SPLITS = 64
 
 CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bk, w, s in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4)]
+    for bk, w, s in [(32, 4, 3), (32, 8, 2), (32, 8, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3),
+                      (128, 8, 4)]
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1)
 
 
 def _prune(configs, named_args, **kwargs):
-    b = named_args["B"]
-    item = named_args["dy_ptr"].element_size()
+    args = {**named_args, **kwargs}  # the autotuner passes positional args and keyword args apart
+    b = args["B"]
+    item = args["dy_ptr"].element_size()
     kept = [cfg for cfg in configs
             if _common.smem_bytes(2 * cfg.kwargs["BLOCK_K"] * b, item, cfg.num_stages) <= _common.SMEM_BUDGET
             and not (b >= 128 and cfg.num_warps < 8)]  # a 128 x 128 fp32 accumulator wants 8 warps
-    return kept or [configs[0]]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_K"], c.num_stages, -c.num_warps))]
 
 
 @_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "TOKENS_PER_SPLIT"],
