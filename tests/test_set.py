@@ -95,6 +95,7 @@ def test_invariants_over_many_updates(kind, prune, regrow, optim):
     layers = [m for m in model if isinstance(m, (SparseLinear, MaskedLinear))]
     live0 = [m.layout.nnz_blocks if kind == "block" else int(m.mask.sum()) for m in layers]
     values0 = [m.values if kind == "block" else m.weight for m in layers]
+    ptrs0 = [v.data_ptr() for v in values0]
     n_updates = 0
     captured = {}
 
@@ -127,6 +128,7 @@ def test_invariants_over_many_updates(kind, prune, regrow, optim):
             old_set, old_vals, old_state = before[i]
             if kind == "block":
                 assert m.values is values0[i], "values must stay the same Parameter"
+                assert m.values.data_ptr() == ptrs0[i], "values must keep its storage"
                 new_set = block_set(m.layout)
                 check_layout(m.layout)
                 assert len(new_set) == live0[i]
@@ -428,3 +430,28 @@ def test_bad_types():
         sk.SET(lin, opt, interval=2.5)
     with pytest.raises(ValueError, match="state_dict"):
         sk.SET(lin, opt).load_state_dict({"step": 1})
+
+
+# --------------------------------------------------------------------------- device (GPU only)
+@pytest.mark.parametrize("prune,regrow", [("magnitude", "random"), ("set", "gradient")])
+def test_block_update_on_cuda_has_no_host_sync(prune, regrow):
+    """The SparseLinear update runs on the device without a host synchronisation."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (the sync-free path is checked with torch.cuda.set_sync_debug_mode)")
+    dev = torch.device("cuda")
+    lin = SparseLinear(200, 150, density=0.3, block_size=16, device=dev, backend="torch")
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    evo = sk.SET(lin, opt, zeta=0.3, interval=1, prune=prune, regrow=regrow)
+    x = torch.randn(8, 200, device=dev)
+    lin(x).square().mean().backward()
+    opt.step()
+    lin.layout  # build the cached layout outside the checked region
+    old = block_set(lin.layout)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert evo.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    check_layout(lin.layout)
+    assert len(block_set(lin.layout)) == len(old) and block_set(lin.layout) != old
