@@ -32,7 +32,9 @@ Every record (one implementation timed in one comparison group)::
     nnz_blocks  live blocks (null for the MLP)
     median_ms, q20_ms, q80_ms, min_ms, max_ms    time of one call (ms); repeats: number of timed calls
     flops, tflops            FLOPs of one call on live blocks (dense: the whole matrix) and FLOP/s / 1e12
-    bytes, gbps, copy_share  minimum bytes of one call, bytes / median time / 1e9, gbps / copy ceiling
+    bytes, gbps              minimum bytes of one call, and bytes / median time / 1e9
+    copy_gbps, copy_share    the copy ceiling timed interleaved with this group (CPU; GPU: in the same
+                             run), and gbps / copy_gbps
     dense_ms     median of the dense baseline in the same group (null when it failed)
     speedup      dense_ms / median_ms
     E            density * dense_ms / median_ms (null for dense): 1.0 = time scales exactly with density
@@ -55,7 +57,7 @@ RECORD_FIELDS = {"op": str, "pass": str, "impl": str, "kind": str, "shape": dict
                  "median_ms": float, "q20_ms": float, "q80_ms": float, "min_ms": float, "max_ms": float,
                  "repeats": int}
 NULLABLE_FIELDS = ("backend", "block", "density", "nnz_blocks", "flops", "tflops", "bytes", "gbps",
-                   "copy_share", "dense_ms", "speedup", "E")
+                   "copy_gbps", "copy_share", "dense_ms", "speedup", "E")
 KINDS = ("sparse", "dense", "baseline")
 
 
@@ -159,7 +161,7 @@ def _linear_table(records) -> list[str]:
 
 def _adam_table(records) -> list[str]:
     lines = ["| rows × cols | dtype | mask block | density | backend | ms | dense ms | speedup | E | GB/s | "
-             "% of copy | dense GB/s |", "|" + "---|" * 12]
+             "copy GB/s | % of copy | dense GB/s |", "|" + "---|" * 13]
     for impls in _by_group(records, "masked_adam_").values():
         dense = impls.get("dense")
         for r in impls.values():
@@ -169,7 +171,8 @@ def _adam_table(records) -> list[str]:
             lines.append(
                 f"| {s['rows']} × {s['cols']} | {r['dtype']} | {r['block']} | {r['density']:.3g} | {r['impl']} | "
                 f"{r['median_ms']:.3g} | {_f(r['dense_ms'], '{:.3g}')} | {_f(r['speedup'], '{:.2f}x')} | "
-                f"{_f(r['E'])} | {_f(r['gbps'], '{:.3g}')} | {_f(r['copy_share'] and 100 * r['copy_share'], '{:.0f}%')} | "
+                f"{_f(r['E'])} | {_f(r['gbps'], '{:.3g}')} | {_f(r['copy_gbps'], '{:.3g}')} | "
+                f"{_f(r['copy_share'] and 100 * r['copy_share'], '{:.0f}%')} | "
                 f"{_f(dense and dense['gbps'], '{:.3g}')} |")
     return lines
 
@@ -202,8 +205,8 @@ def format_markdown(doc: dict, *, image: str | None = None) -> str:
            f"- torch {v['torch']}, triton {v['triton']}, numba {v['numba']}, numpy {v['numpy']}, "
            f"python {v['python']}",
            f"- timing: {m['timing']}",
-           f"- copy bandwidth ceiling (same run): {copy['gbps']:.1f} GB/s (read + write of "
-           f"{copy['bytes'] / 2**21:.0f} MiB)",
+           f"- copy bandwidth ceiling: {copy['gbps']:.1f} GB/s at the start (`copy_` of {copy['bytes'] / 2**21:.0f} "
+           "MiB, read + write); memory-bound groups time it again alongside (\"copy GB/s\")",
            "- E = density × T_dense / T_sparse (1.0: time scales exactly with density); speedup = "
            "T_dense / T_sparse; TFLOP/s counts live blocks only; vs BSR = T(torch BSR matmul) / T_sparse"]
     if image:

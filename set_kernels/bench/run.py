@@ -117,8 +117,13 @@ def plan(grid: Grid, ops, device: torch.device, requested_backends):
     return items
 
 
+_COPY = "__copy_ceiling__"
+
+
 def records_of(group: cases.Group, stats: dict, copy_gbps: float) -> list[dict]:
-    """One record per timed implementation of ``group`` (fields documented in :mod:`.report`)."""
+    """One record per timed implementation of ``group`` (fields documented in :mod:`.report`).
+
+    ``copy_gbps``: the copy ceiling the group's GB/s are compared with (timed along with it)."""
     dense = stats.get("dense")
     dense_ms = dense.median_ms if dense is not None else None
     out = []
@@ -134,6 +139,7 @@ def records_of(group: cases.Group, stats: dict, copy_gbps: float) -> list[dict]:
         rec["tflops"] = flops / secs / 1e12 if flops else None
         rec["bytes"] = nbytes
         rec["gbps"] = nbytes / secs / 1e9 if nbytes else None
+        rec["copy_gbps"] = copy_gbps if nbytes else None
         rec["copy_share"] = rec["gbps"] / copy_gbps if nbytes else None
         rec["dense_ms"] = dense_ms
         rec["speedup"] = dense_ms / rec["median_ms"] if dense_ms else None
@@ -159,8 +165,11 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
     items = plan(grid, ops, device, backends)
     bar = tqdm(total=len(items) + 1, file=sys.stderr, disable=not progress, desc="bench", dynamic_ncols=True)
     bar.set_postfix_str("copy bandwidth")
-    doc["ceilings"]["copy"] = timing.copy_bandwidth(device, nbytes=grid.copy_bytes, repeats=max(3, grid.repeats),
-                                                    rep_ms=grid.rep_ms)
+    copy_fn, copy_moved = timing.copy_kernel(device, grid.copy_bytes)
+    copy_stats = timing.time_group({"copy": copy_fn}, device, repeats=max(3, grid.repeats), warmup=2,
+                                   rep_ms=grid.rep_ms)["copy"]
+    doc["ceilings"]["copy"] = {"bytes": copy_moved, "gbps": copy_moved / (copy_stats.median_ms * 1e-3) / 1e9,
+                               **copy_stats.as_dict()}
     bar.update()
     copy_gbps = doc["ceilings"]["copy"]["gbps"]
     for label, build in items:
@@ -178,17 +187,22 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
                 doc["skipped"].append({"op": g.op, "pass": g.pass_, "impl": impl, "case": label, "reason": reason})
             if not g.fns:
                 continue
+            fns = dict(g.fns)
+            if g.nbytes:  # memory-bound: time the copy ceiling with it, so that drift hits both alike
+                fns[_COPY] = copy_fn
             try:
-                stats = timing.time_group(g.fns, device, repeats=grid.repeats, warmup=grid.warmup,
+                stats = timing.time_group(fns, device, repeats=grid.repeats, warmup=grid.warmup,
                                           rep_ms=grid.rep_ms)
             except Exception as exc:  # e.g. a GPU kernel failing only under repetition
                 doc["skipped"].append({"op": g.op, "pass": g.pass_, "impl": "-", "case": label,
                                        "reason": f"timing failed: {type(exc).__name__}: {exc}"})
                 log(f"set-kernels bench: timing {label} {g.pass_} failed: {type(exc).__name__}: {exc}")
                 continue
+            group_copy = stats.pop(_COPY, None)
             if g.postprocess is not None:
                 stats = g.postprocess(stats)
-            doc["records"] += records_of(g, stats, copy_gbps)
+            gbps = copy_moved / (group_copy.median_ms * 1e-3) / 1e9 if group_copy else copy_gbps
+            doc["records"] += records_of(g, stats, gbps)
         del groups
         bar.update()
     bar.close()

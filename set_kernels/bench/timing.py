@@ -112,15 +112,21 @@ def time_group(fns: dict, device: torch.device, *, repeats: int, warmup: int = 2
     return time_cpu_interleaved(fns, repeats=repeats, warmup=warmup)
 
 
+def copy_kernel(device: torch.device, nbytes: int):
+    """``(fn, moved)``: ``fn`` copies an ``nbytes`` fp32 buffer (``dst.copy_(src)``); ``moved`` = bytes
+    read + written per call. The buffer should be much larger than the caches."""
+    n = max(1, nbytes // 4)
+    src = torch.empty(n, device=device).uniform_(-1.0, 1.0)  # random, never zeros
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * n * 4
+
+
 def copy_bandwidth(device: torch.device, *, nbytes: int, repeats: int, rep_ms: int = 100) -> dict:
     """The copy ceiling: ``dst.copy_(src)`` of ``nbytes`` fp32 bytes, bytes read + written per second.
 
     Returns ``{"bytes": 2 * nbytes, "gbps": ..., **Stats}``: the device-memory bandwidth any
-    memory-bound op is compared with (a buffer much larger than the caches is used).
+    memory-bound op is compared with.
     """
-    n = max(1, nbytes // 4)
-    src = torch.empty(n, device=device).uniform_(-1.0, 1.0)  # random, never zeros
-    dst = torch.empty_like(src)
-    stats = time_group({"copy": lambda: dst.copy_(src)}, device, repeats=repeats, warmup=2, rep_ms=rep_ms)["copy"]
-    moved = 2 * n * 4
+    fn, moved = copy_kernel(device, nbytes)
+    stats = time_group({"copy": fn}, device, repeats=repeats, warmup=2, rep_ms=rep_ms)["copy"]
     return {"bytes": moved, "gbps": moved / (stats.median_ms * 1e-3) / 1e9, **stats.as_dict()}
