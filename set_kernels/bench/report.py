@@ -269,7 +269,10 @@ def plot(doc: dict, path: str) -> None:
         if all_d:
             ax.plot(all_d, [1 / d for d in all_d], "k:", lw=1.5, label="ideal 1/density")
         ax.axhline(1.0, color="0.6", lw=0.8)
-        for label, pts in sorted(lines.items()):
+        def order(item):
+            impl, block = item[0].split(" b=")
+            return (impl == "torch_bsr", impl, int(block))
+        for label, pts in sorted(lines.items(), key=order):
             pts = sorted(p for p in pts if p[0] > 0)
             impl, block = label.split(" b=")
             style = "--" if impl == "torch_bsr" else "-"
@@ -288,7 +291,7 @@ def plot(doc: dict, path: str) -> None:
     m = doc["meta"]
     fig.suptitle(f"set-kernels bench ({m['mode']}): {m['device_name']}, commit {(m['git'].get('commit') or '?')[:10]}",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (4.2 * nrows)))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
