@@ -103,6 +103,14 @@ def _try_add(group: Group, impl: str, kind: str, build):
     group.fns[impl], group.kinds[impl] = fn, kind
 
 
+def _randn(shape, device, dtype, seed: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
+    """Random data drawn on ``device`` itself (GPU-sized inputs would be slow to draw on the host)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t = torch.empty(shape, device=device, dtype=torch.float32)
+    t = t.uniform_(0.0, 1.0, generator=gen) if positive else t.normal_(generator=gen)
+    return (t * scale).to(dtype)
+
+
 def _bsr(weight: torch.Tensor, block: int) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse BSR support is in beta"
@@ -118,9 +126,9 @@ def linear_groups(tokens: int, features: int, dtype: torch.dtype, block: int, de
     """
     gen = torch.Generator().manual_seed(seed)
     layout = BlockSparseLayout.random(features, features, block, density, generator=gen).to(device)
-    x = torch.randn(tokens, features, generator=gen, dtype=torch.float32).to(device, dtype)
-    weight = (torch.randn(features, features, generator=gen) / features**0.5).to(device, dtype)
-    dy = torch.randn(tokens, features, generator=gen).to(device, dtype)
+    x = _randn((tokens, features), device, dtype, seed)
+    weight = _randn((features, features), device, dtype, seed + 1, scale=features**-0.5)
+    dy = _randn((tokens, features), device, dtype, seed + 2)
     values = ops.from_dense(weight, layout)
     live = _live_elements(layout)
     shape = {"tokens": tokens, "in_features": features, "out_features": features}
@@ -165,16 +173,13 @@ def adam_group(rows: int, cols: int, dtype: torch.dtype, block: int, density: fl
     ``block x block`` blocks: each backend's fused ``masked_adam_`` against
     ``torch.optim.Adam(fused=True)`` plus the two mask multiplies (``grad *= mask``, ``param *= mask``)."""
     gen = torch.Generator().manual_seed(seed)
-    layout = BlockSparseLayout.random(rows, cols, block, density, generator=gen)
-    mask = layout.element_mask().to(device)
+    layout = BlockSparseLayout.random(rows, cols, block, density, generator=gen).to(device)
+    mask = layout.element_mask()
     moment_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-    def rand(dt, positive=False):
-        t = torch.rand(rows, cols, generator=gen) if positive else torch.randn(rows, cols, generator=gen)
-        return t.to(device, dt)
-
-    p0, g0 = rand(dtype) * mask, rand(dtype)
-    m0, v0 = rand(moment_dtype) * 0.01 * mask, rand(moment_dtype, positive=True) * 1e-4 * mask
+    shape = (rows, cols)
+    p0, g0 = _randn(shape, device, dtype, seed) * mask, _randn(shape, device, dtype, seed + 1)
+    m0 = _randn(shape, device, moment_dtype, seed + 2, scale=0.01) * mask
+    v0 = _randn(shape, device, moment_dtype, seed + 3, scale=1e-4, positive=True) * mask
     live = int(mask.sum())
     group = Group(op="masked_adam_", pass_="step", shape={"rows": rows, "cols": cols},
                   dtype=str(dtype).replace("torch.", ""), block=block, density=layout.density,
