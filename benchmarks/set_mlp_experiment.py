@@ -79,6 +79,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--tag", default="full")
     p.add_argument("--out", default=None)
+    p.add_argument("--init", default=None, choices=("sparse-fan-in", "dense-fan-in"),
+                   help="passed to set-kernels train (default: its own default, sparse-fan-in)")
     p.add_argument("--only", default=None, help="comma-separated configuration names")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the JSON files, run nothing")
     args = p.parse_args()
@@ -108,6 +110,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "set_kernels", "train", "--data", "fashion-mnist", "--epochs", str(args.epochs),
                "--train-samples", str(args.train_samples), "--test-samples", str(args.test_samples),
                "--seed", str(seed), "--threads", "1", "--json", path + ".part", *flags]
+        if args.init:
+            cmd += ["--init", args.init]
         t0 = time.time()
         with open(os.path.join(out_dir, f"{name}_seed{seed}.log"), "w") as log:
             rc = subprocess.run(cmd, cwd=snapshot, env=env, stdout=log, stderr=subprocess.DEVNULL).returncode
