@@ -270,8 +270,12 @@ def _index(name: str, t, numel: int, device) -> torch.Tensor:
     return t.contiguous()
 
 
-def _grid(rows: int, cols: int, b: int) -> tuple[int, int]:
-    return -(-rows // b), -(-cols // b)
+def _grid(rows: int, cols: int, b: int, nnz: int, name: str) -> tuple[int, int]:
+    """The ``(R, C)`` block grid of a ``rows x cols`` matrix; ``name`` holds ``nnz`` blocks, at most ``R * C``."""
+    n_rows, n_cols = -(-rows // b), -(-cols // b)
+    if nnz > n_rows * n_cols:
+        raise ValueError(f"{name}: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    return n_rows, n_cols
 
 
 def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -287,10 +291,8 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     x = _dense("x", x, cols)
     device, dtype = x.device, x.dtype
     v = _values(values, None, b, device, dtype)
-    n_rows, n_cols = _grid(rows, cols, b)
     nnz = v.shape[0]
-    if nnz > n_rows * n_cols:
-        raise ValueError(f"values: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    n_rows, n_cols = _grid(rows, cols, b, nnz, "values")
     row_ptr = _index("row_ptr", row_ptr, n_rows + 1, device)
     col_idx = _index("col_idx", col_idx, nnz, device)
     if bias is not None:
@@ -323,10 +325,8 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     dy = _dense("dy", dy, rows)
     device, dtype = dy.device, dy.dtype
     v = _values(values, None, b, device, dtype)
-    n_rows, n_cols = _grid(rows, cols, b)
     nnz = v.shape[0]
-    if nnz > n_rows * n_cols:
-        raise ValueError(f"values: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    n_rows, n_cols = _grid(rows, cols, b, nnz, "values")
     col_ptr = _index("col_ptr", col_ptr, n_cols + 1, device)
     row_idx = _index("row_idx", row_idx, nnz, device)
     perm = _index("perm", perm, nnz, device)
@@ -360,9 +360,7 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *
     if not isinstance(block_row, torch.Tensor):
         raise TypeError(f"block_row: expected a torch.Tensor, got {type(block_row).__name__}")
     nnz = block_row.numel()
-    n_rows, n_cols = _grid(rows, cols, b)
-    if nnz > n_rows * n_cols:
-        raise ValueError(f"block_row: {nnz} blocks exceed the {n_rows * n_cols} blocks of a {rows} x {cols} matrix")
+    _grid(rows, cols, b, nnz, "block_row")
     block_row = _index("block_row", block_row, nnz, device)
     col_idx = _index("col_idx", col_idx, nnz, device)
     M = dy.shape[0]
