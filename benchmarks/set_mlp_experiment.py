@@ -32,6 +32,8 @@ CONFIGS = [  # name, extra flags
     ("dense_lr0.01", ["--mode", "dense", "--lr", "0.01"]),
     ("set_block16", ["--mode", "set", "--layer", "block", "--block-size", "16"]),
     ("set_masked_adam", ["--mode", "set", "--layer", "masked", "--optimizer", "adam"]),
+    # SET with the paper's sign-split pruning (the rows above prune by magnitude)
+    ("set_masked_signsplit", ["--mode", "set", "--layer", "masked", "--prune", "set"]),
 ]
 
 

@@ -7,8 +7,8 @@ dense ``nn.Linear``); weights He-uniform ``U(-sqrt(6 / fan_in), sqrt(6 / fan_in)
 with ``fan_in = density * n_in`` for sparse layers (``--init dense-fan-in``: ``n_in``, as in the
 first experiment runs),
 biases 0; SGD with momentum 0.9 and weight decay 2e-4, lr 0.05 for sparse models and 0.001 for
-dense (Adam: lr 0.001); one SET update (zeta = 0.3, magnitude pruning, random regrowth) at the end
-of every epoch except the last, after that epoch's evaluation.
+dense (Adam: lr 0.001); one SET update (zeta = 0.3, random regrowth, magnitude pruning; ``--prune set``:
+the SET paper's sign split) at the end of every epoch except the last, after that epoch's evaluation.
 
 Modes: ``set`` (evolving topology), ``static`` (the same initial topology, never evolved),
 ``dense`` (plain ``nn.Linear`` layers). Layers: ``masked`` (:class:`MaskedLinear`, element
@@ -59,6 +59,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", choices=INITS, default="sparse-fan-in",
                         help="He-uniform fan-in of sparse layers: live inputs per output (default) or all n_in")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--prune", choices=PRUNES, default="magnitude",
+                        help="SET pruning rule: magnitude (the smallest |w|, default) or set (the sign split: "
+                             "the smallest positive and the largest negative weights, half each)")
 
 
 def _check_args(args) -> str | None:
@@ -91,6 +94,7 @@ def er_density(n_in: int, n_out: int, epsilon: float) -> float:
 
 
 INITS = ("sparse-fan-in", "dense-fan-in")
+PRUNES = ("magnitude", "set")
 
 
 def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: int, sizes=SIZES,
@@ -235,7 +239,7 @@ def _run(args, log) -> dict:
     evo = None
     if args.mode == "set" and args.epochs > 1 and args.zeta > 0:
         # One update at the end of every epoch but the last (step (epochs - 1) * steps_per_epoch).
-        evo = SET(model, opt, zeta=args.zeta, interval=steps_per_epoch,
+        evo = SET(model, opt, zeta=args.zeta, interval=steps_per_epoch, prune=getattr(args, "prune", "magnitude"),
                   end_step=(args.epochs - 1) * steps_per_epoch, seed=args.seed)
     live, total = count_weights(model)
     config = {k: v for k, v in vars(args).items() if k not in ("fn", "command")}
@@ -244,6 +248,7 @@ def _run(args, log) -> dict:
                   threads=torch.get_num_threads(), torch=torch.__version__)
     log(f"set-kernels train: {source} ({n} train / {len(x_test)} test), mode={args.mode} layer={args.layer}"
         f"{' block=' + str(args.block_size) if args.layer == 'block' and args.mode != 'dense' else ''} "
+        f"{'prune=' + getattr(args, 'prune', 'magnitude') + ' ' if evo is not None else ''}"
         f"optimizer={args.optimizer} lr={lr} epochs={args.epochs} seed={args.seed}; "
         f"{live}/{total} weights live ({live / total:.4f})")
     shuffle = torch.Generator().manual_seed(args.seed + 1)

@@ -74,6 +74,28 @@ def test_set_mlp_evolves_on_real_data(tmp_path):
     assert len(saved["history"]) == 3 and saved["final"]["test_acc"] == result["final"]["test_acc"]
 
 
+@pytest.mark.parametrize("argv,expected", [([], "magnitude"), (["--prune", "set"], "set")])
+def test_prune_flag_reaches_set(monkeypatch, argv, expected):
+    """``--prune`` picks SET's pruning rule (default magnitude; ``set``: the paper's sign split)."""
+    import set_kernels.evolution as evolution
+
+    seen = []
+    real = evolution.SET
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("prune"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evolution, "SET", recording)
+    result = train.run(parse("--data", "synthetic", "--epochs", "2", "--train-samples", "200",
+                             "--test-samples", "100", *argv))
+    assert seen == [expected]
+    assert result["config"]["prune"] == expected
+    assert [h["evolved"] for h in result["history"]] == [True, False]
+    with pytest.raises(SystemExit):
+        parse("--prune", "random")
+
+
 def test_cli_synthetic_block_layer(tmp_path):
     """The console entry point end to end, on synthetic data with SparseLinear layers and Adam."""
     path = tmp_path / "run.json"
