@@ -7,7 +7,8 @@ Each run is ``set-kernels train`` in its own process with one torch / numba / Op
 ``--jobs`` runs at a time, on a frozen copy of the package (so edits to the working tree during
 the experiment do not leak into it). JSON per run goes to ``--out`` (default
 benchmarks/results/cpu/set_mlp/<tag>/); ``summary.md`` there is rewritten after every run: mean
-+- sd (sample sd, n-1) of the final test accuracy, best test accuracy, and train time per epoch.
++- sd (sample sd, n-1) of the final test accuracy, best test accuracy, train time per epoch, the
+accuracy at chosen epochs and paired differences against SET; ``curves.png`` plots the test accuracy.
 Existing JSON files are kept and not rerun, so the script can be resumed.
 """
 from __future__ import annotations
@@ -37,7 +38,31 @@ CONFIGS = [  # name, extra flags
 ]
 
 
+def _load_runs(out_dir: str, args) -> dict[str, dict[int, dict]]:
+    """``{configuration: {seed: run JSON}}`` of the finished runs in ``out_dir``."""
+    runs: dict[str, dict[int, dict]] = {}
+    for name, _ in CONFIGS:
+        for seed in range(args.seeds):
+            path = os.path.join(out_dir, f"{name}_seed{seed}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.setdefault(name, {})[seed] = json.load(f)
+    return runs
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def summarise(out_dir: str, args) -> str:
+    """Rewrite ``summary.md`` (and ``curves.png`` when matplotlib is there) from the finished runs.
+
+    Tables: final / last-10-epoch / best test accuracy and train s/epoch per configuration; the mean
+    test accuracy at chosen epochs; and, against ``set_masked``, the paired difference of the final
+    test accuracy over the seeds both configurations finished (same seed = same data order and, for
+    the sparse configurations, the same initial topology), with ``t = mean / (sd / sqrt(n))``.
+    """
+    runs = _load_runs(out_dir, args)
     lines = [f"# SET-MLP on Fashion-MNIST ({args.tag})", "",
              f"Protocol: {args.train_samples} train / {args.test_samples} test samples, {args.epochs} epochs, "
              f"seeds 0..{args.seeds - 1}; one thread per run, {args.jobs} runs in parallel on a shared 2-core CPU "
@@ -46,30 +71,73 @@ def summarise(out_dir: str, args) -> str:
              "best test acc (mean) | train s/epoch (mean) |",
              "|---|---|---|---|---|---|"]
     for name, _ in CONFIGS:
-        finals, lasts, bests, times = [], [], [], []
-        for seed in range(args.seeds):
-            path = os.path.join(out_dir, f"{name}_seed{seed}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    run = json.load(f)
-                res = run["final"]
-                tail = [h["test_acc"] for h in run["history"][-10:]]
-                lasts.append(sum(tail) / len(tail))
-                finals.append(res["test_acc"])
-                bests.append(res["best_test_acc"])
-                times.append(res["time_per_epoch_s"])
-        if not finals:
+        done = runs.get(name, {})
+        if not done:
             lines.append(f"| {name} | 0 | – | – | – | – |")
             continue
-        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        sd_last = statistics.stdev(lasts) if len(lasts) > 1 else 0.0
-        lines.append(f"| {name} | {len(finals)} | {statistics.mean(finals):.4f} ± {sd:.4f} | "
-                     f"{statistics.mean(lasts):.4f} ± {sd_last:.4f} | "
-                     f"{statistics.mean(bests):.4f} | {statistics.mean(times):.3f} |")
+        finals = [r["final"]["test_acc"] for r in done.values()]
+        lasts = [statistics.mean(h["test_acc"] for h in r["history"][-10:]) for r in done.values()]
+        m, sd = _mean_sd(finals)
+        ml, sdl = _mean_sd(lasts)
+        lines.append(f"| {name} | {len(done)} | {m:.4f} ± {sd:.4f} | {ml:.4f} ± {sdl:.4f} | "
+                     f"{statistics.mean(r['final']['best_test_acc'] for r in done.values()):.4f} | "
+                     f"{statistics.mean(r['final']['time_per_epoch_s'] for r in done.values()):.3f} |")
+
+    marks = sorted({e for e in (1, 5, 10, 25, 50, 100, 200, 300, 400) if e <= args.epochs} | {args.epochs})
+    lines += ["", "Mean test accuracy over the finished seeds at chosen epochs:", "",
+              "| configuration | " + " | ".join(str(e) for e in marks) + " |",
+              "|---|" + "---|" * len(marks)]
+    for name, done in runs.items():
+        cells = []
+        for e in marks:
+            accs = [r["history"][e - 1]["test_acc"] for r in done.values() if len(r["history"]) >= e]
+            cells.append(f"{statistics.mean(accs):.4f}" if accs else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    base = runs.get("set_masked", {})
+    if base:
+        lines += ["", "Final test accuracy minus `set_masked`'s, paired by seed (positive: better than SET):", "",
+                  "| configuration | paired seeds | difference (mean ± sd) | t |", "|---|---|---|---|"]
+        for name, done in runs.items():
+            if name == "set_masked":
+                continue
+            common = sorted(set(done) & set(base))
+            diffs = [done[s]["final"]["test_acc"] - base[s]["final"]["test_acc"] for s in common]
+            if not diffs:
+                continue
+            m, sd = _mean_sd(diffs)
+            t = m / (sd / len(diffs) ** 0.5) if len(diffs) > 1 and sd > 0 else float("nan")
+            lines.append(f"| {name} | {len(diffs)} | {m:+.4f} ± {sd:.4f} | {t:+.2f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text)
+    _plot(runs, os.path.join(out_dir, "curves.png"), args)
     return text
+
+
+def _plot(runs: dict[str, dict[int, dict]], path: str, args) -> None:
+    """Mean test accuracy per epoch (5-epoch running mean) of every configuration."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, done in runs.items():
+        n = min(len(r["history"]) for r in done.values())
+        mean = [statistics.mean(r["history"][e]["test_acc"] for r in done.values()) for e in range(n)]
+        smooth = [statistics.mean(mean[max(0, e - 4):e + 1]) for e in range(n)]
+        ax.plot(range(1, n + 1), smooth, label=f"{name} ({len(done)} seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (mean over seeds, 5-epoch running mean)")
+    ax.set_ylim(0.75, 0.87)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"SET-MLP, Fashion-MNIST {args.train_samples}/{args.test_samples} ({args.tag})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
