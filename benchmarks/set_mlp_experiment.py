@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -118,12 +119,11 @@ def summarise(out_dir: str, args) -> str:
 def _plot(runs: dict[str, dict[int, dict]], path: str, args) -> None:
     """Mean test accuracy per epoch (5-epoch running mean) of every configuration."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global state, safe from the worker threads
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for name, done in runs.items():
         n = min(len(r["history"]) for r in done.values())
         mean = [statistics.mean(r["history"][e]["test_acc"] for r in done.values()) for e in range(n)]
@@ -137,7 +137,6 @@ def _plot(runs: dict[str, dict[int, dict]], path: str, args) -> None:
     ax.set_title(f"SET-MLP, Fashion-MNIST {args.train_samples}/{args.test_samples} ({args.tag})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> int:
@@ -172,6 +171,8 @@ def main() -> int:
     jobs = [(seed, name, flags) for seed in range(args.seeds) for name, flags in CONFIGS
             if only is None or name in only]
 
+    summary_lock = threading.Lock()
+
     def run(job):
         seed, name, flags = job
         path = os.path.join(out_dir, f"{name}_seed{seed}.json")
@@ -187,8 +188,9 @@ def main() -> int:
             rc = subprocess.run(cmd, cwd=snapshot, env=env, stdout=log, stderr=subprocess.DEVNULL).returncode
         if rc == 0:
             os.replace(path + ".part", path)
-        print(f"{name} seed {seed}: rc={rc} in {time.time() - t0:.0f}s", flush=True)
-        print(summarise(out_dir, args), flush=True)
+        with summary_lock:  # two runs may finish together: one rewrite of summary.md at a time
+            print(f"{name} seed {seed}: rc={rc} in {time.time() - t0:.0f}s", flush=True)
+            print(summarise(out_dir, args), flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run, jobs))
