@@ -237,9 +237,10 @@ def _run(args, log) -> dict:
     n = len(x_train)
     steps_per_epoch = -(-n // BATCH)
     evo = None
+    prune = getattr(args, "prune", "magnitude")  # Namespaces built by hand may lack the later flags
     if args.mode == "set" and args.epochs > 1 and args.zeta > 0:
         # One update at the end of every epoch but the last (step (epochs - 1) * steps_per_epoch).
-        evo = SET(model, opt, zeta=args.zeta, interval=steps_per_epoch, prune=getattr(args, "prune", "magnitude"),
+        evo = SET(model, opt, zeta=args.zeta, interval=steps_per_epoch, prune=prune,
                   end_step=(args.epochs - 1) * steps_per_epoch, seed=args.seed)
     live, total = count_weights(model)
     config = {k: v for k, v in vars(args).items() if k not in ("fn", "command")}
@@ -248,7 +249,7 @@ def _run(args, log) -> dict:
                   threads=torch.get_num_threads(), torch=torch.__version__)
     log(f"set-kernels train: {source} ({n} train / {len(x_test)} test), mode={args.mode} layer={args.layer}"
         f"{' block=' + str(args.block_size) if args.layer == 'block' and args.mode != 'dense' else ''} "
-        f"{'prune=' + getattr(args, 'prune', 'magnitude') + ' ' if evo is not None else ''}"
+        f"{'prune=' + prune + ' ' if evo is not None else ''}"
         f"optimizer={args.optimizer} lr={lr} epochs={args.epochs} seed={args.seed}; "
         f"{live}/{total} weights live ({live / total:.4f})")
     shuffle = torch.Generator().manual_seed(args.seed + 1)
