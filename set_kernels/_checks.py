@@ -9,7 +9,8 @@ import math
 
 import torch
 
-BLOCK_SIZES = (16, 32, 64, 128)
+# 1 is element sparsity (CSR plus a transposed index); the others are square blocks.
+BLOCK_SIZES = (1, 16, 32, 64, 128)
 
 
 def check_tensor(name: str, t, *, floating: bool = False) -> torch.Tensor:

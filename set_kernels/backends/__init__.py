@@ -1,7 +1,8 @@
 """Backend registry and dispatch: by device, then by backend.
 
 Each backend is a module exposing ``availability() -> (bool, reason)``, ``SUPPORTED_DTYPES`` and
-the op functions it implements (``bsmm_dsd``, ``bsmm_dds``, ``bsmm_sdd``, ``masked_adam_``). The
+the op functions it implements (``bsmm_dsd``, ``bsmm_dds``, ``bsmm_sdd``, ``masked_adam_``), and
+optionally ``BLOCK_SIZES`` (the matmul block sizes it serves; all of them when absent). The
 dispatcher collects, for a requested (backend, op, device, dtype), every reason the backend cannot
 run it; ``"auto"`` takes the first backend in the device's preference order whose list is empty,
 and an explicit request with a non-empty list raises ``RuntimeError`` listing the reasons.
@@ -55,8 +56,9 @@ def availability(name: str) -> tuple[bool, str]:
     return mod.availability()
 
 
-def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Every reason backend ``name`` cannot run ``op`` on (device, dtype); empty when it can."""
+def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.dtype,
+                        block_size: int | None = None) -> list[str]:
+    """Every reason backend ``name`` cannot run ``op`` on (device, dtype[, block_size]); empty when it can."""
     ok, why = availability(name)
     if not ok:
         return [why]
@@ -71,11 +73,15 @@ def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.d
     if dtype not in mod.SUPPORTED_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in mod.SUPPORTED_DTYPES)
         reasons.append(f"it supports dtypes {names}, not {str(dtype).replace('torch.', '')}")
+    sizes = getattr(mod, "BLOCK_SIZES", None)
+    if block_size is not None and sizes is not None and block_size not in sizes:
+        reasons.append(f"it supports block sizes {', '.join(map(str, sizes))}, not {block_size}"
+                       + (" (element sparsity)" if block_size == 1 else ""))
     return reasons
 
 
-def resolve(backend, op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the backend name for ``op`` on (device, dtype).
+def resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_size: int | None = None) -> str:
+    """Pick the backend name for ``op`` on (device, dtype), for a matmul also on ``block_size``.
 
     ``backend`` is None/"auto" (then ``$SET_KERNELS_BACKEND`` overrides, when set and not "auto")
     or a name in :data:`BACKENDS`. Raises ValueError for an unknown name and RuntimeError, with
@@ -88,11 +94,12 @@ def resolve(backend, op: str, device: torch.device, dtype: torch.dtype) -> str:
             backend, source = env, f"${ENV_VAR}"
     if backend is None or backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if not unsupported_reasons(name, op, device, dtype):
+            if not unsupported_reasons(name, op, device, dtype, block_size):
                 return name
-        raise RuntimeError(f"no backend can run {op} on {device.type} {dtype}: " + _all_reasons(op, device, dtype))
+        raise RuntimeError(f"no backend can run {op} on {device.type} {dtype}: "
+                           + _all_reasons(op, device, dtype, block_size))
     check_choice(source, backend, BACKENDS + ("auto",))
-    reasons = unsupported_reasons(backend, op, device, dtype)
+    reasons = unsupported_reasons(backend, op, device, dtype, block_size)
     if reasons:
         raise RuntimeError(
             f"{source}={backend!r} cannot run {op} on {device.type} {dtype}: " + "; ".join(reasons)
@@ -100,8 +107,8 @@ def resolve(backend, op: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
-def _all_reasons(op, device, dtype) -> str:
-    return "; ".join(f"{n}: {', '.join(unsupported_reasons(n, op, device, dtype))}" for n in BACKENDS)
+def _all_reasons(op, device, dtype, block_size=None) -> str:
+    return "; ".join(f"{n}: {', '.join(unsupported_reasons(n, op, device, dtype, block_size))}" for n in BACKENDS)
 
 
 def get(name: str):

@@ -32,7 +32,8 @@ _ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": 
 
 
 @torch.compiler.assume_constant_result
-def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype,
+                      block_size=None) -> tuple[str, str]:
     """``(backend name, "")``, or ``(error type name, message)``; a constant under torch.compile.
 
     Under ``torch.compile`` this runs once, when the graph is traced, and its result is baked in
@@ -40,14 +41,14 @@ def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype
     it lets the caller raise it as the same exception type, compiled or not.
     """
     try:
-        return backends.resolve(backend, op, device, dtype), ""
+        return backends.resolve(backend, op, device, dtype, block_size), ""
     except (ValueError, RuntimeError, TypeError) as exc:
         return type(exc).__name__, str(exc)
 
 
-def _resolve(backend, op: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_size=None) -> str:
     """:func:`set_kernels.backends.resolve`, traceable by torch.compile without a graph break."""
-    name, error = _resolve_or_error(backend, op, device, dtype)
+    name, error = _resolve_or_error(backend, op, device, dtype, block_size)
     if error:
         raise _ERRORS[name](error)
     return name
@@ -118,7 +119,7 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
         raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
-    name = _resolve(backend, "bsmm_dsd", device, x.dtype)
+    name = _resolve(backend, "bsmm_dsd", device, x.dtype, layout.block_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols).contiguous()
     y = _library.bsmm_dsd(x2, values.contiguous(), layout.index, bias, rows, cols, layout.block_size, name)
