@@ -78,8 +78,12 @@ class BlockSparseLayout:
         n_blocks = n_rows * n_cols
         nnz = round(density * n_blocks)
         gen_device = generator.device if generator is not None else device
-        chosen = torch.randperm(n_blocks, generator=generator, device=gen_device)[:nnz].to(device)
-        chosen = torch.sort(chosen).values
+        if block_size == 1 or n_blocks > DENSE_DRAW_LIMIT:
+            # O(nnz): never a tensor of the grid's size (an element grid may have 10**11 cells).
+            chosen = sample_positions(n_blocks, nnz, generator=generator, device=gen_device).to(device)
+        else:
+            chosen = torch.randperm(n_blocks, generator=generator, device=gen_device)[:nnz].to(device)
+            chosen = torch.sort(chosen).values
         return cls._from_flat(chosen, (rows, cols), block_size)
 
     @classmethod
@@ -183,14 +187,26 @@ class BlockSparseLayout:
 
     # ----------------------------------------------------------------- methods
     def block_mask(self) -> torch.Tensor:
-        """Bool tensor ``(R, C)``, True at live blocks."""
+        """Bool tensor ``(R, C)``, True at live blocks (dense: nothing in the package calls it on a hot path)."""
         n_rows, n_cols = self.grid
         mask = torch.zeros(n_rows * n_cols, dtype=torch.bool, device=self.device)
         mask[self.block_row.long() * n_cols + self.col_idx.long()] = True
         return mask.reshape(n_rows, n_cols)
 
+    def entry_mask(self) -> torch.Tensor:
+        """Bool tensor ``(nnz_blocks, b, b)``: True where a block entry lies inside the matrix.
+
+        False only in the parts of edge blocks beyond ``rows`` / ``cols``; O(nnz * b * b), never a
+        ``(rows, cols)`` tensor (all True at ``block_size=1``).
+        """
+        b = self.block_size
+        offs = torch.arange(b, device=self.device)
+        rows_ok = (self.block_row.long().view(-1, 1) * b + offs) < self.shape[0]
+        cols_ok = (self.col_idx.long().view(-1, 1) * b + offs) < self.shape[1]
+        return rows_ok.view(-1, b, 1) & cols_ok.view(-1, 1, b)
+
     def element_mask(self) -> torch.Tensor:
-        """Bool tensor ``(rows, cols)``, True inside live blocks."""
+        """Bool tensor ``(rows, cols)``, True inside live blocks (dense: call it explicitly only)."""
         b = self.block_size
         mask = self.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)
         return mask[: self.shape[0], : self.shape[1]].contiguous()
@@ -223,6 +239,57 @@ class BlockSparseLayout:
             f"BlockSparseLayout(shape={self.shape}, block_size={self.block_size}, "
             f"nnz_blocks={self._nnz}/{self.n_blocks}, density={self.density:.4f}, device={self.device})"
         )
+
+
+# Grids up to this many blocks may be drawn with a dense permutation; element layouts never are.
+DENSE_DRAW_LIMIT = 1 << 20
+
+
+def sample_positions(n: int, k: int, *, generator=None, device=None, exclude=None) -> torch.Tensor:
+    """``k`` distinct positions drawn uniformly from ``[0, n)`` minus ``exclude``; sorted int64 ``(k,)``.
+
+    O(k + len(exclude)) memory and O((k + len(exclude)) log) time, whatever ``n`` is: positions
+    are drawn with replacement in rounds, deduplicated, and those in ``exclude`` (a sorted int64
+    tensor) dropped with ``searchsorted``, until at least ``k`` remain; then a uniformly random
+    ``k``-subset of them is kept. Every ``k``-subset of the allowed positions is equally likely
+    (the draws are exchangeable). Deterministic for a given ``generator`` state. Reads counts back
+    to the host (one sync per round on a GPU). Raises ValueError when fewer than ``k`` positions
+    are allowed.
+    """
+    device = torch.device(device) if device is not None else (
+        generator.device if generator is not None else torch.device("cpu"))
+    n_excluded = 0 if exclude is None else exclude.numel()
+    if k > n - n_excluded:
+        raise ValueError(f"k: cannot draw {k} distinct positions from {n - n_excluded} allowed ones")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    if exclude is not None:
+        exclude = exclude.to(device=device, dtype=torch.int64)
+    if n <= 4 * (k + n_excluded) + 1024:
+        # A small or crowded range: a permutation of it is O(k + len(exclude)) too.
+        perm = torch.randperm(n, generator=generator, device=device)
+        if n_excluded:
+            allowed = torch.ones(n, dtype=torch.bool, device=device)
+            allowed[exclude] = False
+            perm = perm[allowed[perm]]
+        return torch.sort(perm[:k]).values
+    free = n - n_excluded
+    have = torch.zeros(0, dtype=torch.int64, device=device)
+    while have.numel() < k:
+        need = k - have.numel()
+        # Enough draws that one round almost always suffices, even when most positions are taken.
+        p_new = max((free - have.numel()) / n, 1e-9)
+        draws = int(min(need / p_new * 1.1 + 64, 4 * (k + n_excluded) + 1024))
+        cand = torch.randint(0, n, (draws,), generator=generator, device=device, dtype=torch.int64)
+        cand = torch.unique(torch.cat([have, cand]))  # sorted, distinct
+        if exclude is not None and exclude.numel():
+            pos = torch.searchsorted(exclude, cand).clamp_(max=exclude.numel() - 1)
+            cand = cand[exclude[pos] != cand]
+        have = cand
+    if have.numel() > k:
+        keep = torch.randperm(have.numel(), generator=generator, device=device)[:k]
+        have = torch.sort(have[keep]).values
+    return have
 
 
 def _check_shape(shape) -> tuple[int, int]:

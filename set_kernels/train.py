@@ -11,8 +11,11 @@ dense (Adam: lr 0.001); one SET update (zeta = 0.3, random regrowth, magnitude p
 the SET paper's sign split) at the end of every epoch except the last, after that epoch's evaluation.
 
 Modes: ``set`` (evolving topology), ``static`` (the same initial topology, never evolved),
-``dense`` (plain ``nn.Linear`` layers). Layers: ``masked`` (:class:`MaskedLinear`, element
-sparsity, the paper's semantics) or ``block`` (:class:`SparseLinear` with ``--block-size``).
+``dense`` (plain ``nn.Linear`` layers). Layers: ``sparse`` (:class:`SparseLinear` with
+``block_size=1``: element sparsity, the paper's semantics, stored and computed truly sparse),
+``masked`` (:class:`MaskedLinear`: the same semantics on a dense weight times a mask) or ``block``
+(:class:`SparseLinear` with ``--block-size``). ``--hidden`` sets the hidden widths (default
+``1000,1000,1000``) and ``--batch`` the batch size (default 40).
 
 Input: pixels scaled to [0, 1] and standardised per pixel (see :func:`set_kernels.data.prepare`).
 Reported train accuracy is the running accuracy over the epoch's mini-batches (dropout on); test
@@ -45,8 +48,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, topology, shuffling, "
                                                             "dropout and SET")
     parser.add_argument("--mode", choices=("set", "static", "dense"), default="set")
-    parser.add_argument("--layer", choices=("masked", "block"), default="masked",
-                        help="masked: element sparsity (MaskedLinear); block: SparseLinear")
+    parser.add_argument("--layer", choices=LAYERS, default="masked",
+                        help="sparse: element sparsity stored sparse (SparseLinear, block_size=1); masked: "
+                             "element sparsity as a dense weight times a mask (MaskedLinear); block: SparseLinear "
+                             "with --block-size")
+    parser.add_argument("--hidden", type=_widths, default=SIZES[1:-1],
+                        help="hidden widths, comma-separated (default 1000,1000,1000)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     parser.add_argument("--block-size", type=int, default=16, choices=(16, 32, 64, 128),
                         help="block size of --layer block")
     parser.add_argument("--epsilon", type=float, default=13.0, help="Erdos-Renyi sparsity parameter (default 13)")
@@ -76,6 +84,8 @@ def _check_args(args) -> str | None:
         return f"--zeta: expected a value in [0, 1], got {args.zeta}"
     if args.lr is not None and not (args.lr > 0) or (args.lr is not None and math.isinf(args.lr)):
         return f"--lr: expected a positive number, got {args.lr}"
+    if getattr(args, "batch", BATCH) < 1:
+        return f"--batch: expected an int >= 1, got {args.batch}"
     if args.threads is not None and args.threads < 1:
         return f"--threads: expected an int >= 1, got {args.threads}"
     return None
@@ -94,6 +104,25 @@ def er_density(n_in: int, n_out: int, epsilon: float) -> float:
 
 
 INITS = ("sparse-fan-in", "dense-fan-in")
+LAYERS = ("masked", "sparse", "block")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """``"1000,1000,1000"`` -> ``(1000, 1000, 1000)``; each width an int >= 1."""
+    import argparse
+
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected widths >= 1, got {text!r}")
+    return widths
+
+
+def model_sizes(hidden=SIZES[1:-1]) -> tuple[int, ...]:
+    """Layer sizes ``(784, *hidden, 10)`` of the SET-MLP."""
+    return (SIZES[0], *hidden, SIZES[-1])
 PRUNES = ("magnitude", "set")
 
 
@@ -109,6 +138,8 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
     import torch
 
     from .nn import MaskedLinear, SparseLinear
@@ -129,9 +160,12 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
             with torch.no_grad():
                 lin.weight.uniform_(-limit, limit, generator=gen).mul_(lin.mask)
         else:
-            lin = SparseLinear(n_in, n_out, density=density, block_size=block_size, generator=gen)
+            b = 1 if layer == "sparse" else block_size
+            lin = SparseLinear(n_in, n_out, density=density, block_size=b, generator=gen)
             with torch.no_grad():
-                lin.values.uniform_(-limit, limit, generator=gen).mul_(lin._edge_mask())
+                lin.values.uniform_(-limit, limit, generator=gen)
+                if b > 1:
+                    lin.values.masked_fill_(~lin.layout.entry_mask(), 0)
         with torch.no_grad():
             lin.bias.zero_()
         modules.append(lin)
@@ -152,7 +186,7 @@ def count_weights(model) -> tuple[int, int]:
             live += int(m.mask.sum())
             total += m.mask.numel()
         elif isinstance(m, SparseLinear):
-            live += int(m.layout.element_mask().sum())
+            live += int(m.layout.entry_mask().sum())  # O(nnz), no (rows, cols) mask
             total += m.in_features * m.out_features
         elif isinstance(m, torch.nn.Linear):
             live += m.weight.numel()
@@ -184,6 +218,11 @@ def _load_data(args):
     else:
         raw = data.synthetic(args.train_samples, args.test_samples, seed=1234)
     return source, directory, data.prepare(*raw, args.train_samples, args.test_samples)
+
+
+def _eval_chunk(sizes) -> int:
+    """Test samples per evaluation forward: at most ~2**24 activations of the widest layer."""
+    return max(1, min(1000, (1 << 24) // max(sizes)))
 
 
 def _accuracy(model, x, y, chunk: int = 1000) -> float:
@@ -227,7 +266,9 @@ def _run(args, log) -> dict:
 
     source, directory, (x_train, y_train, x_test, y_test) = _load_data(args)
     torch.manual_seed(args.seed)
-    model = build_model(args.mode, args.layer, args.block_size, args.epsilon, args.seed,
+    sizes = model_sizes(getattr(args, "hidden", SIZES[1:-1]))
+    batch = getattr(args, "batch", BATCH)
+    model = build_model(args.mode, args.layer, args.block_size, args.epsilon, args.seed, sizes=sizes,
                         init=getattr(args, "init", "sparse-fan-in"))
     lr = args.lr if args.lr is not None else default_lr(args.mode, args.optimizer)
     if args.optimizer == "sgd":
@@ -235,7 +276,7 @@ def _run(args, log) -> dict:
     else:
         opt = MaskedAdam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     n = len(x_train)
-    steps_per_epoch = -(-n // BATCH)
+    steps_per_epoch = -(-n // batch)
     evo = None
     prune = getattr(args, "prune", "magnitude")  # Namespaces built by hand may lack the later flags
     if args.mode == "set" and args.epochs > 1 and args.zeta > 0:
@@ -244,11 +285,12 @@ def _run(args, log) -> dict:
                   end_step=(args.epochs - 1) * steps_per_epoch, seed=args.seed)
     live, total = count_weights(model)
     config = {k: v for k, v in vars(args).items() if k not in ("fn", "command")}
-    config.update(lr=lr, data=source, data_dir=directory, sizes=list(SIZES), batch=BATCH, dropout=DROPOUT,
+    config.update(lr=lr, data=source, data_dir=directory, sizes=list(sizes), batch=batch, dropout=DROPOUT,
                   momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, live_weights=live, dense_weights=total,
                   threads=torch.get_num_threads(), torch=torch.__version__)
     log(f"set-kernels train: {source} ({n} train / {len(x_test)} test), mode={args.mode} layer={args.layer}"
         f"{' block=' + str(args.block_size) if args.layer == 'block' and args.mode != 'dense' else ''} "
+        f"sizes={'-'.join(map(str, sizes))} batch={batch} "
         f"{'prune=' + prune + ' ' if evo is not None else ''}"
         f"optimizer={args.optimizer} lr={lr} epochs={args.epochs} seed={args.seed}; "
         f"{live}/{total} weights live ({live / total:.4f})")
@@ -265,7 +307,7 @@ def _run(args, log) -> dict:
         test_acc = None
         changed = False
         for s in range(steps_per_epoch):
-            idx = order[s * BATCH:(s + 1) * BATCH]
+            idx = order[s * batch:(s + 1) * batch]
             xb, yb = x_train[idx], y_train[idx]
             logits = model(xb)
             loss = torch.nn.functional.cross_entropy(logits, yb)
@@ -276,7 +318,7 @@ def _run(args, log) -> dict:
             correct += int((logits.argmax(-1) == yb).sum())
             if s == steps_per_epoch - 1:
                 t1 = time.perf_counter()
-                test_acc = _accuracy(model, x_test, y_test)  # before this epoch's evolution, as the tutorial
+                test_acc = _accuracy(model, x_test, y_test, chunk=_eval_chunk(sizes))  # before this epoch's evolution, as the tutorial
                 eval_time = time.perf_counter() - t1
             if evo is not None:
                 changed |= evo.step()

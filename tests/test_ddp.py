@@ -20,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: str, regrow: str, prune: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, regrow: str, prune: str, block_size: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -31,7 +31,8 @@ def _worker(rank: int, port: int, out_dir: str, regrow: str, prune: str) -> None
 
         g = torch.Generator().manual_seed(0)  # same initial model on every rank
         model = torch.nn.Sequential(MaskedLinear(40, 48, density=0.25, generator=g), torch.nn.ReLU(),
-                                    SparseLinear(48, 37, density=0.5, block_size=16, generator=g))
+                                    SparseLinear(48, 37, density=0.5 if block_size > 1 else 0.2,
+                                                 block_size=block_size, generator=g))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         evo = sk.SET(ddp, opt, zeta=0.3, interval=INTERVAL, regrow=regrow, prune=prune, seed=3)
@@ -54,11 +55,12 @@ def _worker(rank: int, port: int, out_dir: str, regrow: str, prune: str) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("regrow,prune", [("gradient", "magnitude"), ("random", "set")])
-def test_ddp_ranks_agree(tmp_path, regrow, prune):
+def test_ddp_ranks_agree(tmp_path, regrow, prune, block_size):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with the gloo backend is required")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), regrow, prune), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), regrow, prune, block_size), nprocs=WORLD, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["changed"] == r1["changed"] == [(s + 1) % INTERVAL == 0 for s in range(STEPS)]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import set_kernels as sk
+from set_kernels.evolution import set as set_module
 from set_kernels.nn import MaskedLinear, SparseLinear, layer_densities
 
 from conftest import csr_blocks, dense_ref, gen, randn
@@ -53,6 +54,10 @@ def build(kind: str, seed: int):
         # odd shapes: partial edge blocks in both directions
         l1 = SparseLinear(70, 50, density=0.35, block_size=16, generator=g)
         l2 = SparseLinear(50, 37, density=0.5, block_size=16, generator=g)
+    elif kind.startswith("element"):
+        # element sparsity stored sparse (CSR): the units of MaskedLinear, without a dense weight
+        l1 = SparseLinear(70, 50, density=0.2, block_size=1, generator=g)
+        l2 = SparseLinear(50, 37, density=0.3, block_size=1, generator=g)
     else:
         l1 = MaskedLinear(70, 50, density=0.2, generator=g)
         l2 = MaskedLinear(50, 37, density=0.3, generator=g)
@@ -80,21 +85,25 @@ def dense_grad_ref(layer, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- invariants
-@pytest.mark.parametrize("kind", ["block", "masked"])
+@pytest.mark.parametrize("kind", ["block", "masked", "element", "element-chunked"])
 @pytest.mark.parametrize("prune,regrow,optim", [
     ("magnitude", "random", "adam"),
     ("set", "random", "sgd"),
     ("magnitude", "gradient", "sgd"),
     ("set", "gradient", "adam"),
 ])
-def test_invariants_over_many_updates(kind, prune, regrow, optim):
+def test_invariants_over_many_updates(kind, prune, regrow, optim, monkeypatch):
+    if kind == "element-chunked":
+        # the dense gradient of gradient regrowth formed a few rows at a time (many chunks)
+        monkeypatch.setattr(set_module, "GRAD_CHUNK_ELEMS", 150)
+    sparse_storage = kind != "masked"
     model = build(kind, seed=3)
     opt = make_optimizer(optim, model)
     zeta = 0.3
     evo = sk.SET(model, opt, zeta=zeta, interval=2, prune=prune, regrow=regrow, seed=5)
     layers = [m for m in model if isinstance(m, (SparseLinear, MaskedLinear))]
-    live0 = [m.layout.nnz_blocks if kind == "block" else int(m.mask.sum()) for m in layers]
-    values0 = [m.values if kind == "block" else m.weight for m in layers]
+    live0 = [m.layout.nnz_blocks if sparse_storage else int(m.mask.sum()) for m in layers]
+    values0 = [m.values if sparse_storage else m.weight for m in layers]
     ptrs0 = [v.data_ptr() for v in values0]
     n_updates = 0
     captured = {}
@@ -111,7 +120,7 @@ def test_invariants_over_many_updates(kind, prune, regrow, optim):
         train_step(model, opt, step)
         before = []
         for m in layers:
-            if kind == "block":
+            if sparse_storage:
                 p = m.values
                 st = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape}
                 before.append((block_set(m.layout), m.values.detach().clone(), st))
@@ -126,7 +135,7 @@ def test_invariants_over_many_updates(kind, prune, regrow, optim):
         n_updates += 1
         for i, m in enumerate(layers):
             old_set, old_vals, old_state = before[i]
-            if kind == "block":
+            if sparse_storage:
                 assert m.values is values0[i], "values must stay the same Parameter"
                 assert m.values.data_ptr() == ptrs0[i], "values must keep its storage"
                 new_set = block_set(m.layout)
@@ -335,16 +344,18 @@ def test_erk_totals_exact_and_capped():
 
 
 # --------------------------------------------------------------------------- exact resume
-def _resume_model(seed):
+def _resume_model(seed, block_size=16):
     g = gen(seed)
+    density = 0.5 if block_size > 1 else 0.2
     return torch.nn.Sequential(MaskedLinear(70, 48, density=0.2, generator=g), torch.nn.ReLU(),
-                               SparseLinear(48, 37, density=0.5, block_size=16, generator=g))
+                               SparseLinear(48, 37, density=density, block_size=block_size, generator=g))
 
 
+@pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("optim,regrow,prune", [("sgd", "random", "set"), ("adam", "gradient", "magnitude")])
-def test_exact_resume(optim, regrow, prune):
+def test_exact_resume(optim, regrow, prune, block_size):
     def fresh(seed):
-        model = _resume_model(seed)
+        model = _resume_model(seed, block_size)
         opt = make_optimizer(optim, model)
         evo = sk.SET(model, opt, zeta=0.3, interval=3, regrow=regrow, prune=prune, schedule="cosine",
                      end_step=40, seed=11)

@@ -15,14 +15,23 @@ Rules (``SET.step`` docstring has the order of operations):
   ``k - k // 2`` of the smallest non-negative scores are dropped. When one sign has too few live
   units, all of them go and the shortfall is taken from the other sign, so exactly ``k`` units
   are always dropped. A score of exactly 0 counts as the smallest positive.
-* ``regrow="random"``: ``k`` positions drawn uniformly among those empty before the update.
+* ``regrow="random"``: ``k`` positions drawn uniformly among those empty before the update. For
+  element layers (``SparseLinear`` with ``block_size=1``) and grids of more than
+  :data:`~set_kernels.layout.DENSE_DRAW_LIMIT` blocks they are drawn in O(nnz) memory by
+  :func:`~set_kernels.layout.sample_positions` (draw, deduplicate, drop live positions with
+  ``searchsorted``, repeat); smaller block grids draw one uniform number per block, with no host sync.
 * ``regrow="gradient"`` (RigL): the ``k`` empty positions with the largest dense-gradient magnitude
   (element) or the largest Frobenius norm of the dense gradient over the block (block). The dense
   gradient is not the parameter's ``.grad`` (``MaskedLinear`` multiplies it by the mask, and
   ``SparseLinear`` has no dense weight): forward hooks, armed only during the step just before an
-  update, register a hook on each layer's output and accumulate ``grad_output^T @ input``
-  (float32, ``(out, in)``), which is exactly ``dL/dW`` of the dense weight. Nothing is computed or
-  kept on the other steps. Gradient accumulation over several backward passes is summed.
+  update, register a hook on each layer's output. For a ``MaskedLinear`` they accumulate
+  ``grad_output^T @ input`` (float32, ``(out, in)``), which is exactly ``dL/dW`` of the dense
+  weight. For a ``SparseLinear`` they keep the layer's inputs and output gradients (float32,
+  ``(tokens, in)`` and ``(tokens, out)``), and the update forms ``dL/dW`` in chunks of rows, at
+  most :data:`GRAD_CHUNK_ELEMS` entries at a time, keeping only the running top ``k`` empty
+  positions: memory ``O(tokens * (in + out) + GRAD_CHUNK_ELEMS + k)``, never ``(out, in)`` at once
+  (the time is that of the dense product, ``O(tokens * out * in)``). Nothing is computed or kept
+  on the other steps. Gradient accumulation over several backward passes is summed.
 * A unit pruned in an update is never regrown in the same update (pruned positions were live, and
   only positions empty before the update are candidates), so with ``k > 0`` the topology changes.
   ``k`` is clamped to the number of empty positions (a nearly dense layer moves fewer units).
@@ -54,7 +63,7 @@ import weakref
 import torch
 
 from .._checks import check_choice, check_fraction, check_int
-from ..layout import BlockSparseLayout
+from ..layout import DENSE_DRAW_LIMIT, BlockSparseLayout, sample_positions
 from ..nn.masked_linear import MaskedLinear
 from ..nn.sparse_linear import SparseLinear
 
@@ -63,6 +72,8 @@ PRUNE = ("magnitude", "set")
 SCHEDULES = ("constant", "cosine")
 _STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
+# Entries of the dense gradient formed at once by a SparseLinear gradient-regrow update (64 MiB fp32).
+GRAD_CHUNK_ELEMS = 1 << 24
 
 
 def _mix(*values: int) -> int:
@@ -99,7 +110,7 @@ def _rank(key: torch.Tensor) -> torch.Tensor:
 
 def _set_prune(signed: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(k,)`` chosen by SET's sign split over the ``live`` entries of 1-D ``signed``."""
-    inf = torch.tensor(math.inf, device=signed.device, dtype=signed.dtype)
+    inf = signed.new_full((), math.inf)  # no host-to-device copy on the update path
     pos = live & (signed >= 0)
     neg = live & (signed < 0)
     k_neg = k // 2
@@ -276,12 +287,14 @@ class SET:
             signed = _agree(v.sum(dim=(1, 2)))
             prune_idx = _set_prune(signed, torch.ones(nnz, dtype=torch.bool, device=device), k)
         # 2. regrow among positions empty before this update
-        if self.regrow == "random":
-            grow = torch.rand(n_blocks, generator=gen, device=device)
+        if self.regrow == "gradient":
+            grow_flat = self._grow_by_gradient(self._grads[i], layout, flat, k)
+        elif layout.block_size == 1 or n_blocks > DENSE_DRAW_LIMIT:
+            grow_flat = sample_positions(n_blocks, k, generator=gen, device=device, exclude=flat)
         else:
-            grow = _agree(_pool_blocks(self._grads[i], layout.grid, layout.block_size))
-        grow[flat] = -math.inf
-        grow_flat = torch.topk(grow, k, sorted=False).indices
+            grow = torch.rand(n_blocks, generator=gen, device=device)
+            grow[flat] = -math.inf
+            grow_flat = torch.topk(grow, k, sorted=False).indices
         # 3. new CSR order: replace the pruned slots, sort, and permute values + state in place.
         new_flat = flat.clone()
         new_flat[prune_idx] = grow_flat
@@ -296,6 +309,41 @@ class SET:
         if values.grad is not None and values.grad.shape == values.shape:
             values.grad.copy_(values.grad.index_select(0, order).masked_fill_(fresh, 0))
         return True
+
+    @staticmethod
+    def _grow_by_gradient(captured, layout: BlockSparseLayout, flat: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k`` empty positions (flat ``r * C + c``) of largest dense-gradient block norm.
+
+        ``captured``: ``[(dy (M, rows), x (M, cols)), ...]`` float32. The dense gradient is formed
+        a chunk of block rows at a time (at most :data:`GRAD_CHUNK_ELEMS` entries), and a running
+        top-``k`` is merged across chunks. ``flat``: the live positions, sorted.
+        """
+        dy = torch.cat([g for g, _ in captured])
+        x = torch.cat([a for _, a in captured])
+        rows, cols = layout.shape
+        n_rows, n_cols = layout.grid
+        b = layout.block_size
+        step = max(1, GRAD_CHUNK_ELEMS // (b * b * n_cols))  # block rows per chunk
+        best_val = dy.new_empty(0)
+        best_idx = flat.new_empty(0)
+        for r0 in range(0, n_rows, step):
+            r1 = min(n_rows, r0 + step)
+            dense = dy[:, r0 * b:min(rows, r1 * b)].T @ x
+            score = _agree(_pool_blocks(dense, (r1 - r0, n_cols), b))
+            base = r0 * n_cols
+            if r0 == 0 and r1 == n_rows:
+                live = flat  # one chunk: no bounds to find (and no host sync)
+            else:
+                lo, hi = torch.searchsorted(flat, flat.new_tensor([base, r1 * n_cols])).tolist()
+                live = flat[lo:hi] - base
+            score[live] = -math.inf
+            top = torch.topk(score, min(k, score.numel()), sorted=False)
+            best_val = torch.cat([best_val, top.values])
+            best_idx = torch.cat([best_idx, top.indices + base])
+            if best_val.numel() > k:
+                keep = torch.topk(best_val, k, sorted=False).indices
+                best_val, best_idx = best_val[keep], best_idx[keep]
+        return best_idx
 
     @torch.no_grad()
     def _update_elements(self, i: int, layer: MaskedLinear, zeta: float, gen) -> bool:
@@ -341,6 +389,10 @@ class SET:
         def on_grad(g: torch.Tensor) -> None:
             g2 = g.detach().reshape(-1, g.shape[-1]).float()
             x2 = x.reshape(-1, x.shape[-1]).float()
+            if isinstance(layer, SparseLinear):
+                # Kept as factors: the update forms the dense gradient in row chunks.
+                self._grads.setdefault(i, []).append((g2, x2))
+                return
             dw = g2.T @ x2
             if i in self._grads:
                 self._grads[i] += dw

@@ -58,7 +58,12 @@ class SparseLinear(torch.nn.Module):
         self.register_buffer("row_ptr", layout.row_ptr.clone())
         self.register_buffer("col_idx", layout.col_idx.clone())
         self._layout = layout
-        self._layout_key = (self.row_ptr, self.col_idx)
+        self._layout_key = self._buffer_key()
+
+    def _buffer_key(self):
+        # Identity and in-place version of the layout buffers: a copy_ into them (DDP's buffer
+        # broadcast, a checkpoint loader) changes the version, so the cached layout is rebuilt.
+        return (self.row_ptr, self.col_idx, self.row_ptr._version, self.col_idx._version)
 
     @staticmethod
     def _drop_layout_cache(module, incompatible_keys=None) -> None:
@@ -77,10 +82,12 @@ class SparseLinear(torch.nn.Module):
     @property
     def layout(self) -> BlockSparseLayout:
         # Rebuilt when the buffers were replaced (module.to) or reloaded (load_state_dict).
-        if self._layout is None or self._layout_key[0] is not self.row_ptr or self._layout_key[1] is not self.col_idx:
+        key = self._layout_key
+        if (self._layout is None or key[0] is not self.row_ptr or key[1] is not self.col_idx
+                or key[2] != self.row_ptr._version or key[3] != self.col_idx._version):
             self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, (self.out_features, self.in_features),
                                              self.block_size)
-            self._layout_key = (self.row_ptr, self.col_idx)
+            self._layout_key = self._buffer_key()
         return self._layout
 
     def set_layout(self, layout: BlockSparseLayout, values: torch.Tensor) -> None:
@@ -95,21 +102,17 @@ class SparseLinear(torch.nn.Module):
             self.col_idx.copy_(layout.col_idx)
             self.values.copy_(values)
         self._layout = layout.to(self.row_ptr.device)
-        self._layout_key = (self.row_ptr, self.col_idx)
+        self._layout_key = self._buffer_key()
 
     @torch.no_grad()
     def reset_parameters(self, generator=None) -> None:
         """``nn.Linear``'s default init on live entries: U(-1/sqrt(in), 1/sqrt(in)); edges zero."""
         bound = 1.0 / math.sqrt(self.in_features)
         self.values.uniform_(-bound, bound, generator=generator)
-        self.values.mul_(self._edge_mask())
+        if self.block_size > 1:
+            self.values.masked_fill_(~self.layout.entry_mask(), 0)
         if self.bias is not None:
             self.bias.uniform_(-bound, bound, generator=generator)
-
-    def _edge_mask(self) -> torch.Tensor:
-        """``(nnz, b, b)``: 1 where a block entry lies inside the matrix, 0 beyond its edges."""
-        ones = torch.ones(self.out_features, self.in_features, device=self.values.device, dtype=self.values.dtype)
-        return ops.from_dense(ones, self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.block_sparse_linear(x, self.values, self.layout, self.bias, backend=self.backend)

@@ -71,9 +71,9 @@ def _load():
         # set it, pass it on (the kernels' caches are located when they are defined, below).
         if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
             numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
-        from . import adam, bsmm
+        from . import adam, bsmm, spmm
 
-        _kernels = (bsmm, adam, numba)
+        _kernels = (bsmm, adam, numba, spmm)
     _sync_threads(_kernels[2])
     return _kernels
 
@@ -152,6 +152,12 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     else:
         bias_np, has_bias = _np(bias), True
     xn = _np(x)
+    if b == 1:
+        spmm = _load()[3]
+        xT, yT = _scratch(xn.dtype, (cols, M), (rows, M))
+        spmm.spmm(xn, _np(values).reshape(-1), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), xT, yT,
+                  spmm.TOKEN_TILE)
+        return y
     (xb,) = _scratch(xn.dtype, (-(-cols // b), M, b))
     bsmm.dsd(xn, _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
              bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(cols, b, xn.itemsize), xb)
@@ -172,6 +178,12 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm")):
         _check_index(t, name)
     dyn = _np(dy)
+    if b == 1:
+        spmm = _load()[3]
+        dyT, dxT = _scratch(dyn.dtype, (rows, M), (cols, M))
+        spmm.spmm_t(dyn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), dyT, dxT,
+                    spmm.TOKEN_TILE)
+        return dx
     (dyb,) = _scratch(dyn.dtype, (-(-rows // b), M, b))
     bsmm.dds(dyn, _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
              bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(rows, b, dyn.itemsize), dyb)
@@ -193,6 +205,11 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -
     _check_index(col_idx, "col_idx")
     dyn, xn = _np(dy), _np(x)
     M = dyn.shape[0]
+    if b == 1:
+        spmm = _load()[3]
+        dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
+        spmm.sddmm(dyn, xn, _np(block_row), _np(col_idx), dv.numpy().reshape(-1), dyT, xT, spmm.ENTRY_CHUNK)
+        return dv
     dyt, xt = _scratch(dyn.dtype, (-(-rows // b), b, M), (-(-cols // b), b, M))
     bsmm.sdd(dyn, xn, _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK, dyt, xt)
     return dv

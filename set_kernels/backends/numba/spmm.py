@@ -1,0 +1,152 @@
+"""Numba kernels for element sparsity (``block_size=1``): CSR SpMM, its transpose, and SDDMM (CPU).
+
+At block size 1 a layout is a CSR matrix plus its transposed (CSC) index, and ``values (nnz, 1, 1)``
+is read as ``(nnz,)``. The block kernels of :mod:`.bsmm` would pack one-wide blocks and run a
+4 x 4 register tile over reductions a few entries long; these kernels are written for unstructured
+sparsity instead.
+
+Design:
+
+* **Activations token-major.** Every kernel first transposes its dense operands from ``(M, n)``
+  to ``(n, M)`` (a tiled, parallel copy, O(M * n)), so that the tokens of one feature are one
+  contiguous run. Each live connection ``(r, c, w)`` then costs one contiguous, vectorised
+  ``out[r, :] += w * in[c, :]`` over the tokens of a tile: the gather is by feature, never by
+  token, and LLVM turns the token loop into packed FMAs.
+* **Token tiles.** Tokens are processed ``TM`` at a time (the whole batch when it is small), so
+  that the operand slice a tile touches, ``n_in * TM`` values, stays in the caches while a row's
+  entries gather from it.
+* **Four entries per pass.** The forward and dX kernels consume a row's entries four at a time,
+  ``acc += w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3``, which quarters the loads and stores of the
+  accumulator against the loads of the operand rows.
+* **Parallel over independent outputs, no atomics.** The forward owns output rows (CSR), dX owns
+  input columns through the transposed index (so every ``dx`` row is written by one thread), and
+  dW owns live entries (each a dot product of two contiguous token runs).
+
+Cost: O(nnz * M) arithmetic plus O((rows + cols) * M) for the transposes, with no term in
+``rows * cols``. All index arithmetic is in int64 (``nnz`` and ``n * M`` may pass 2**31).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_FLAGS = dict(parallel=True, fastmath=True, cache=True)
+_SERIAL = dict(fastmath=True, cache=True)
+
+# Tokens per tile: 2 KiB of fp32 per feature row of a tile.
+TOKEN_TILE = 512
+# Live entries per dW work item.
+ENTRY_CHUNK = 1024
+# Tile edge of the transposes.
+_T = 32
+
+
+@njit(**_FLAGS)
+def transpose(a, out):
+    """``out (n, M) = a (M, n).T``, through small tiles (both sides stay cache-friendly)."""
+    M, n = a.shape
+    nt_m = (M + _T - 1) // _T
+    nt_n = (n + _T - 1) // _T
+    for w in prange(nt_m * nt_n):
+        bm = w // nt_n
+        bn = w - bm * nt_n
+        m0 = bm * _T
+        n0 = bn * _T
+        mn = min(_T, M - m0)
+        nn = min(_T, n - n0)
+        for j in range(nn):
+            dst = out[n0 + j, m0:m0 + mn]
+            for i in range(mn):
+                dst[i] = a[m0 + i, n0 + j]
+
+
+@njit(**_FLAGS)
+def _spmm_t(aT, v, ptr, idx, perm, use_perm, bias, has_bias, outT, TM):
+    """``outT (n_out, M) = Op @ aT`` with Op sparse in compressed rows.
+
+    Output row ``o`` owns entries ``ptr[o]:ptr[o+1]``; entry ``e`` reads row ``idx[e]`` of
+    ``aT (n_in, M)`` with weight ``v[perm[e] if use_perm else e]``. ``bias (n_out,)`` is added
+    when ``has_bias``.
+    """
+    n_out = ptr.shape[0] - 1
+    M = aT.shape[1]
+    n_tiles = (M + TM - 1) // TM
+    zero = v.dtype.type(0)
+    for w in prange(n_out * n_tiles):
+        o = w // n_tiles
+        t0 = (w - o * n_tiles) * TM
+        tn = min(TM, M - t0)
+        acc = outT[o, t0:t0 + tn]
+        b0 = bias[o] if has_bias else zero
+        for t in range(tn):
+            acc[t] = b0
+        e0 = np.int64(ptr[o])
+        e1 = np.int64(ptr[o + 1])
+        e = e0
+        while e + 4 <= e1:
+            if use_perm:
+                w0 = v[perm[e]]
+                w1 = v[perm[e + 1]]
+                w2 = v[perm[e + 2]]
+                w3 = v[perm[e + 3]]
+            else:
+                w0 = v[e]
+                w1 = v[e + 1]
+                w2 = v[e + 2]
+                w3 = v[e + 3]
+            x0 = aT[idx[e], t0:t0 + tn]
+            x1 = aT[idx[e + 1], t0:t0 + tn]
+            x2 = aT[idx[e + 2], t0:t0 + tn]
+            x3 = aT[idx[e + 3], t0:t0 + tn]
+            for t in range(tn):
+                acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
+            e += 4
+        while e < e1:
+            w0 = v[perm[e]] if use_perm else v[e]
+            x0 = aT[idx[e], t0:t0 + tn]
+            for t in range(tn):
+                acc[t] += w0 * x0[t]
+            e += 1
+
+
+@njit(**_SERIAL)
+def spmm(x, v, row_ptr, col_idx, bias, has_bias, y, xT, yT, TM):
+    """Forward ``y (M, rows) = x (M, cols) @ W.T (+ bias)``; ``xT (cols, M)``, ``yT (rows, M)`` scratch."""
+    transpose(x, xT)
+    _spmm_t(xT, v, row_ptr, col_idx, col_idx, False, bias, has_bias, yT, TM)
+    transpose(yT, y)
+
+
+@njit(**_SERIAL)
+def spmm_t(dy, v, col_ptr, row_idx, perm, dx, dyT, dxT, TM):
+    """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` through the transposed index."""
+    transpose(dy, dyT)
+    _spmm_t(dyT, v, col_ptr, row_idx, perm, True, v[:0], False, dxT, TM)
+    transpose(dxT, dx)
+
+
+@njit(**_FLAGS)
+def _sddmm_t(dyT, xT, row, col, out, EC):
+    """``out[e] = dot(dyT[row[e], :], xT[col[e], :])`` for every live entry ``e``."""
+    nnz = row.shape[0]
+    M = dyT.shape[1]
+    zero = out.dtype.type(0)
+    n_chunks = (nnz + EC - 1) // EC
+    for c in prange(n_chunks):
+        e0 = np.int64(c) * EC
+        e1 = min(nnz, e0 + EC)
+        for e in range(e0, e1):
+            a = dyT[row[e]]
+            b = xT[col[e]]
+            s = zero
+            for t in range(M):
+                s += a[t] * b[t]
+            out[e] = s
+
+
+@njit(**_SERIAL)
+def sddmm(dy, x, row, col, out, dyT, xT, EC):
+    """Weight gradient on live entries: ``out[e] = sum_t dy[t, row[e]] * x[t, col[e]]``."""
+    transpose(dy, dyT)
+    transpose(x, xT)
+    _sddmm_t(dyT, xT, row, col, out, EC)
