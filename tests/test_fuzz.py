@@ -60,12 +60,12 @@ def budget(backend: str):
 def problems(draw, backend: str, op: str):
     """(rows, cols, block_size, density, lead shape, dtype, seed)."""
     tiny = interpreted(backend)
-    b = draw(st.sampled_from((16, 32) if tiny else (16, 32, 64, 128)))
-    limit = 64 if tiny else 3 * b + 7
+    b = draw(st.sampled_from((1, 16, 32) if tiny else (1, 16, 32, 64, 128)))
+    limit = 64 if tiny else max(3 * b + 7, 70)
 
     def size():
         special = [1, b - 1, b, b + 1]
-        return draw(st.one_of(st.sampled_from([s for s in special if s <= limit]),
+        return draw(st.one_of(st.sampled_from([s for s in special if 1 <= s <= limit]),
                               st.integers(1, limit).map(lambda n: n | 1)))  # odd
 
     rows, cols = size(), size()

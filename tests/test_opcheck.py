@@ -19,7 +19,7 @@ BSL = sk.BlockSparseLayout
 OPS = torch.ops.set_kernels
 
 # (rows, cols, block_size, density): partial-edge cases and an empty layout.
-LAYOUTS = [(40, 61, 32, 0.5), (33, 47, 16, 1.0), (64, 48, 16, 0.0)]
+LAYOUTS = [(40, 61, 32, 0.5), (33, 47, 16, 1.0), (64, 48, 16, 0.0), (37, 29, 1, 0.3), (20, 21, 1, 0.0)]
 
 
 def _targets(op: str):

@@ -33,7 +33,15 @@ CASES = [
     (130, 300, 128, 0.3, (70,), True),
     (1030, 1100, 32, 1.0, (5,), True),
     (40, 70, 16, 0.5, (1100,), False),
+    # Element sparsity (block size 1, CSR): odd sizes, a 1 x 1 matrix, sparse enough for empty rows,
+    # dense, and more tokens than the numba element kernels' token tile (512), with a remainder.
+    (37, 53, 1, 0.3, (3,), True),
+    (1, 1, 1, 1.0, (2,), True),
+    (130, 70, 1, 0.05, (2, 3), False),
+    (200, 150, 1, 1.0, (5,), True),
+    (40, 70, 1, 0.5, (1100,), True),
 ]
+B1 = [c for c in CASES if c[2] == 1]
 
 
 def case_id(case):
@@ -98,7 +106,7 @@ def _blocks(dense, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[5], CASES[7]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[5], CASES[7], B1[0]], ids=case_id)
 def test_linear_low_precision_torch_backend(dtype, case, poison_alloc):
     """Kernel error vs fp64 <= 2x torch's own error in that dtype + a one-ulp-of-scale slack."""
     require_backend("torch")
@@ -124,10 +132,11 @@ def test_linear_low_precision_torch_backend(dtype, case, poison_alloc):
         assert db_err <= 2 * db_own + eps * ref[3].abs().max().item()
 
 
+@pytest.mark.parametrize("b", [32, 1])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_empty_layout(cpu_backend, dtype, has_bias, poison_alloc):
-    rows, cols, b = 70, 100, 32
+def test_empty_layout(cpu_backend, dtype, has_bias, b, poison_alloc):
+    rows, cols = 70, 100
     layout = BSL.random(rows, cols, b, 0.0, generator=gen(0))
     assert layout.nnz_blocks == 0
     values = torch.zeros(0, b, b, dtype=dtype, requires_grad=True)
@@ -142,6 +151,30 @@ def test_empty_layout(cpu_backend, dtype, has_bias, poison_alloc):
     assert torch.equal(x.grad, torch.zeros_like(x))
     if has_bias:
         assert torch.allclose(bias.grad, dy.sum((0, 1)), rtol=TOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_element_layout_with_empty_rows_and_columns(cpu_backend, dtype, poison_alloc):
+    """CSR with empty rows (first, middle, last) and empty columns (first, middle, last)."""
+    rows, cols = 9, 11
+    live = {(1, 1), (1, 2), (1, 9), (2, 4), (4, 1), (4, 4), (4, 6), (4, 7), (4, 9), (5, 2), (7, 9)}
+    counts = [sum(1 for r, _ in live if r == i) for i in range(rows)]
+    row_ptr = torch.tensor([0] + counts).cumsum(0)
+    col_idx = torch.tensor([c for r, c in sorted(live)])
+    layout = BSL.from_csr(row_ptr, col_idx, 1, (rows, cols))
+    assert {c for _, c in live}.isdisjoint({0, 5, 10}) and {r for r, _ in live}.isdisjoint({0, 3, 6, 8})
+    values = randn(len(live), 1, 1, dtype=dtype, seed=1).requires_grad_()
+    x = randn(6, cols, dtype=dtype, seed=2).requires_grad_()
+    bias = randn(rows, dtype=dtype, seed=3).requires_grad_()
+    dy = randn(6, rows, dtype=dtype, seed=4)
+    y = run_linear(layout, values, x, bias, dy, cpu_backend)
+    y_ref, dx_ref, dv_ref, db_ref = linear_ref(x, values, layout, bias, dy)
+    tol = TOL[dtype]
+    assert_close_scaled(y, y_ref, tol, "forward")
+    assert_close_scaled(x.grad, dx_ref, tol, "dX")
+    assert_close_scaled(values.grad, dv_ref, tol, "dW")
+    assert torch.equal(x.grad[:, [0, 5, 10]], torch.zeros(6, 3, dtype=dtype)), "dX of empty columns"
+    assert torch.equal(y[:, [0, 3, 6, 8]], bias.detach()[[0, 3, 6, 8]].expand(6, 4)), "empty rows give the bias"
 
 
 def test_zero_rows_of_x(cpu_backend):
@@ -188,7 +221,7 @@ def test_only_some_inputs_require_grad(cpu_backend):
 
 
 # -------------------------------------------------------------------------------- gradcheck
-GRADCHECK_CASES = [(20, 35, 16, 0.5, True), (17, 16, 16, 1.0, False), (40, 33, 32, 0.5, True)]
+GRADCHECK_CASES = [(20, 35, 16, 0.5, True), (17, 16, 16, 1.0, False), (40, 33, 32, 0.5, True), (20, 35, 1, 0.3, True)]
 
 
 @pytest.mark.parametrize("rows,cols,b,density,has_bias", GRADCHECK_CASES)
@@ -223,9 +256,9 @@ def test_gradgradcheck(cpu_backend, rows, cols, b, density, has_bias):
     assert torch.autograd.gradgradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-def test_deterministic(cpu_backend):
+@pytest.mark.parametrize("case", [(300, 260, 32, 0.5, (40,), True), (300, 260, 1, 0.1, (600,), True)], ids=case_id)
+def test_deterministic(cpu_backend, case):
     """Same inputs, bit-identical forward and gradients (needed for bit-identical resume)."""
-    case = (300, 260, 32, 0.5, (40,), True)
     results = []
     for _ in range(2):
         layout, values, x, bias, dy = make_inputs(case, torch.float32, seed=3)

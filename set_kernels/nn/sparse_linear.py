@@ -82,6 +82,10 @@ class SparseLinear(torch.nn.Module):
     @property
     def layout(self) -> BlockSparseLayout:
         # Rebuilt when the buffers were replaced (module.to) or reloaded (load_state_dict).
+        if self._layout is not None and torch.compiler.is_compiling():
+            # Traced code reads the cache (an in-place version is data to the compiler); it is
+            # refreshed eagerly by load_state_dict and .to(), and by the next eager forward.
+            return self._layout
         key = self._layout_key
         if (self._layout is None or key[0] is not self.row_ptr or key[1] is not self.col_idx
                 or key[2] != self.row_ptr._version or key[3] != self.col_idx._version):

@@ -5,8 +5,17 @@ this module works without numba (then :func:`availability` says why). Inputs are
 made contiguous by the caller (the ops layer); outputs are allocated with torch and written by
 the kernels through numpy views.
 
-Compiled kernels are cached on disk (``cache=True``) in ``$NUMBA_CACHE_DIR``, which this module
-sets, when unset, to ``.numba_cache`` next to the ``set_kernels`` package (when writable).
+**Compile cache.** The kernels are compiled with ``cache=True``; the cache goes to a per-user
+folder, :func:`cache_dir` (``$XDG_CACHE_HOME/set_kernels/numba``, by default
+``~/.cache/set_kernels/numba``; ``%LOCALAPPDATA%\\set_kernels\\numba`` on Windows), in a sub-folder
+per source folder (numba's own naming), so that checkouts and environments do not collide.
+Nothing is written next to the package (``site-packages`` once installed), and the process is
+left alone: neither ``os.environ`` nor ``numba.config.CACHE_DIR`` is touched. This works through
+a cache locator that numba consults before its own and that claims only the files of this
+folder; every other numba user of the process keeps numba's behaviour. A ``$NUMBA_CACHE_DIR``
+set by the user still wins (numba's locator for it is consulted first). When the per-user folder
+cannot be written, numba's own chain applies (``__pycache__`` next to the source when writable,
+else numba's user-wide cache), as for any numba code.
 """
 from __future__ import annotations
 
@@ -20,20 +29,54 @@ NAME = "numba"
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _set_cache_dir() -> None:
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    cache = os.path.join(root, ".numba_cache")
+def cache_dir() -> str:
+    """The per-user folder of this backend's compiled kernels (see the module docstring)."""
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "set_kernels", "numba")
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _set_cache_dir(numba) -> None:
+    """Put the kernels of this folder in :func:`cache_dir`, before they are defined (``cache=True``
+    finds its locator when a kernel is decorated). Touches no environment variable and no global
+    numba setting: it adds a locator class that declines every file outside this folder."""
     try:
-        os.makedirs(cache, exist_ok=True)
-    except OSError:
+        from numba.core import caching
+    except ImportError:  # a numba without that module: its own cache locations apply
         return
-    if os.access(cache, os.W_OK | os.X_OK):
-        os.environ["NUMBA_CACHE_DIR"] = cache
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    base = getattr(caching, "UserWideCacheLocator", None) or getattr(caching, "_UserWideCacheLocator", None)
+    user_dir = getattr(caching, "UserProvidedCacheLocator", None) or getattr(caching, "_UserProvidedCacheLocator", None)
+    classes = getattr(impl, "_locator_classes", None)
+    if base is None or not isinstance(classes, list):
+        return
+    if any(getattr(c, "_set_kernels_locator", False) for c in classes):
+        return
 
+    class SetKernelsCacheLocator(base):
+        """numba's user-wide locator, rooted at :func:`cache_dir`, for the files of this folder only."""
 
-_set_cache_dir()
+        _set_kernels_locator = True
+
+        def __init__(self, py_func, py_file):
+            super().__init__(py_func, py_file)
+            self._cache_path = os.path.join(cache_dir(), self.get_suitable_cache_subpath(py_file))
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != _HERE:
+                return None
+            return super().from_function(py_func, py_file)
+
+    # After the $NUMBA_CACHE_DIR locator (the user's explicit choice), before numba's in-tree one.
+    at = classes.index(user_dir) + 1 if user_dir in classes else 0
+    classes.insert(at, SetKernelsCacheLocator)
+
 
 _kernels = None  # (bsmm, adam, numba) modules once imported
 _import_error = None  # why numba cannot be used, once known
@@ -67,15 +110,42 @@ def _load():
             raise RuntimeError(f"the numba backend is not available: {why}")
         import numba
 
-        # numba reads $NUMBA_CACHE_DIR when first imported: if that happened before this module
-        # set it, pass it on (the kernels' caches are located when they are defined, below).
-        if not numba.config.CACHE_DIR and os.environ.get("NUMBA_CACHE_DIR"):
-            numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+        _set_cache_dir(numba)  # before the kernels are defined: their caches are located then
         from . import adam, bsmm, spmm
 
+        _start_passive_pool(numba)
         _kernels = (bsmm, adam, numba, spmm)
     _sync_threads(_kernels[2])
     return _kernels
+
+
+# Wait policy of numba's OpenMP worker threads, set only while numba starts its thread pool.
+POOL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _start_passive_pool(numba) -> None:
+    """Start numba's thread pool with workers that sleep, rather than spin, between kernels.
+
+    numba's ``omp`` threading layer loads its own copy of the OpenMP runtime, next to torch's. By
+    default each copy's idle workers spin for a while after every parallel region, so a numba
+    kernel that follows a torch op (or the reverse) finds every core busy with the other pool's
+    spinning threads: on a 2-core machine a small SET-MLP step measured 5-10x slower. The
+    runtime reads ``OMP_WAIT_POLICY`` once, when it is loaded, which numba does when it launches
+    its pool; the variable is set for that moment only and then restored, so torch's runtime and
+    child processes are left as they were. A user's own ``OMP_WAIT_POLICY`` is respected.
+    """
+    from numba.np.ufunc import parallel
+
+    saved = {k: os.environ.get(k) for k in POOL_ENV}
+    try:
+        for k, v in POOL_ENV.items():
+            if saved[k] is None:
+                os.environ[k] = v
+        parallel._launch_threads()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 def _sync_threads(numba) -> None:

@@ -1,0 +1,141 @@
+"""Element sparsity (``block_size=1``): layouts drawn in O(nnz), layers, sparsify, MaskedAdam, dispatch."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import set_kernels as sk
+from conftest import dense_ref, gen, randn
+from set_kernels import backends
+from set_kernels.layout import sample_positions
+
+BSL = sk.BlockSparseLayout
+
+
+# ------------------------------------------------------------------------------- sampling
+def test_sample_positions_distinct_sorted_and_outside_exclude():
+    exclude = torch.tensor([3, 10, 11, 12, 99_999_999_998])
+    for seed in range(5):
+        got = sample_positions(10**11, 5000, generator=gen(seed), exclude=exclude)
+        assert got.dtype == torch.int64 and got.shape == (5000,)
+        assert bool((got[1:] > got[:-1]).all()), "sorted and distinct"
+        assert bool(((got >= 0) & (got < 10**11)).all())
+        assert not bool(torch.isin(got, exclude).any())
+
+
+@pytest.mark.parametrize("n,k,exclude", [(6, 2, [1]), (10**9, 2, []), (7, 6, [0])])
+def test_sample_positions_is_uniform(n, k, exclude):
+    """Each allowed position is drawn with probability k / allowed (chi-square-like bound)."""
+    exclude_t = torch.tensor(exclude, dtype=torch.int64)
+    trials = 3000
+    g = gen(1)
+    counts = collections.Counter()
+    for _ in range(trials):
+        counts.update(sample_positions(n, k, generator=g, exclude=exclude_t).tolist())
+    assert not set(counts) & set(exclude)
+    if n > 100:  # a huge range: every draw lands on a fresh position
+        assert sum(counts.values()) == trials * k
+        return
+    allowed = n - len(exclude)
+    expected = trials * k / allowed
+    for pos in range(n):
+        if pos in exclude:
+            continue
+        # binomial sd = sqrt(expected * (1 - k / allowed)); 5 sd
+        sd = (expected * (1 - k / allowed)) ** 0.5
+        assert abs(counts[pos] - expected) <= 5 * sd + 1, (pos, counts[pos], expected)
+
+
+def test_sample_positions_is_deterministic_and_checks_k():
+    a = sample_positions(10**10, 100, generator=gen(3))
+    b = sample_positions(10**10, 100, generator=gen(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="^k: "):
+        sample_positions(10, 9, exclude=torch.tensor([1, 2]))
+    assert sample_positions(10, 0).shape == (0,)
+    full = sample_positions(10, 8, exclude=torch.tensor([2, 5]))
+    assert full.tolist() == [0, 1, 3, 4, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("rows,cols,density", [(37, 53, 0.3), (1, 1, 1.0), (5000, 7000, 0.001),
+                                               (10**6, 10**6, 1e-7), (20, 30, 0.0)])
+def test_element_layout_random_exact_count(rows, cols, density):
+    layout = BSL.random(rows, cols, 1, density, generator=gen(0))
+    assert layout.nnz_blocks == round(density * rows * cols)
+    assert layout.grid == (rows, cols) and layout.block_size == 1
+    # a valid CSR (from_csr checks every index)
+    BSL.from_csr(layout.row_ptr, layout.col_idx, 1, (rows, cols))
+    assert torch.equal(BSL.random(rows, cols, 1, density, generator=gen(0)).index, layout.index)
+
+
+def test_entry_mask_is_all_true_at_b1_and_marks_edges_for_blocks():
+    layout = BSL.random(37, 53, 1, 0.3, generator=gen(0))
+    assert layout.entry_mask().shape == (layout.nnz_blocks, 1, 1) and bool(layout.entry_mask().all())
+    blocks = BSL.random(37, 53, 16, 1.0, generator=gen(0))
+    ones = dense_ref(torch.ones(blocks.nnz_blocks, 16, 16), blocks)
+    assert int(blocks.entry_mask().sum()) == int(ones.sum()) == 37 * 53
+
+
+# --------------------------------------------------------------------------------- layers
+def test_sparse_linear_b1_from_dense_keeps_largest_and_matches():
+    lin = torch.nn.Linear(53, 37)
+    torch.nn.init.normal_(lin.weight, generator=gen(1))
+    sl = sk.nn.SparseLinear.from_dense(lin, density=0.2, block_size=1)
+    k = round(0.2 * 37 * 53)
+    assert sl.values.shape == (k, 1, 1)
+    w = lin.weight.detach()
+    kept = dense_ref(sl.values, sl.layout) != 0
+    threshold = w.abs().flatten().topk(k).values.min()
+    assert int(kept.sum()) == k and bool((w.abs()[kept] >= threshold).all())
+    x = randn(4, 53, seed=2)
+    torch.testing.assert_close(sl(x), x @ (w * kept).T + lin.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_with_block_size_1_gives_element_sparse_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(60, 50), torch.nn.ReLU(), torch.nn.Linear(50, 10))
+    sk.sparsify(model, density=0.2, block_size=1, distribution="uniform")
+    for m in (model[0], model[2]):
+        assert isinstance(m, sk.nn.SparseLinear) and m.block_size == 1
+        assert m.layout.nnz_blocks == round(0.2 * m.in_features * m.out_features)
+    model(randn(3, 60)).sum().backward()
+
+
+def test_masked_adam_on_element_values_matches_torch_adam():
+    layer = sk.nn.SparseLinear(40, 30, density=0.3, block_size=1, generator=gen(0))
+    ref = torch.nn.Parameter(layer.values.detach().clone())
+    opt = sk.optim.MaskedAdam(layer.parameters(), lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=1e-2)
+    for step in range(3):
+        g = randn(*layer.values.shape, seed=step)
+        layer.values.grad = g.clone()
+        ref.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(layer.values.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    state = opt.state[layer.values]
+    assert state["exp_avg"].shape == (layer.layout.nnz_blocks, 1, 1)  # O(nnz) state
+
+
+# ------------------------------------------------------------------------------- dispatch
+def test_cuda_backend_refuses_block_size_1_with_reason_and_auto_picks_triton(monkeypatch):
+    mod = backends.load("cuda")
+    if mod is None:
+        pytest.skip("the cuda backend module is not part of this build")
+    cuda = torch.device("cuda")
+    for name in ("cuda", "triton"):
+        monkeypatch.setattr(backends.load(name), "availability", lambda: (True, ""))
+    if backends.load("triton") is not None:
+        monkeypatch.setattr(backends.load("triton"), "DEVICES", ("cuda",))
+    reasons = backends.unsupported_reasons("cuda", "bsmm_dsd", cuda, torch.float32, 1)
+    assert any("block sizes 16, 32, 64, 128, not 1" in r for r in reasons), reasons
+    assert backends.unsupported_reasons("cuda", "bsmm_dsd", cuda, torch.float32, 16) == []
+    with pytest.raises(RuntimeError, match="block sizes 16, 32, 64, 128, not 1"):
+        backends.resolve("cuda", "bsmm_dsd", cuda, torch.float32, 1)
+    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 1) == "triton"
+    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 16) == "triton"
+    # with triton out of the way, auto takes the next backend that serves b=1: torch, never cuda
+    monkeypatch.setattr(backends.load("triton"), "availability", lambda: (False, "off"))
+    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 1) == "torch"
+    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 16) == "cuda"
