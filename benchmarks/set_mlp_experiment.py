@@ -36,6 +36,9 @@ CONFIGS = [  # name, extra flags
     ("set_masked_adam", ["--mode", "set", "--layer", "masked", "--optimizer", "adam"]),
     # SET with the paper's sign-split pruning (the rows above prune by magnitude)
     ("set_masked_signsplit", ["--mode", "set", "--layer", "masked", "--prune", "set"]),
+    # element sparsity stored sparse (SparseLinear, block_size=1): the computation of the masked rows
+    ("set_sparse", ["--mode", "set", "--layer", "sparse"]),
+    ("static_sparse", ["--mode", "static", "--layer", "sparse"]),
 ]
 
 
@@ -95,12 +98,13 @@ def summarise(out_dir: str, args) -> str:
             cells.append(f"{statistics.mean(accs):.4f}" if accs else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    base = runs.get("set_masked", {})
+    base_name = getattr(args, "base", "set_masked")
+    base = runs.get(base_name, {})
     if base:
-        lines += ["", "Final test accuracy minus `set_masked`'s, paired by seed (positive: better than SET):", "",
+        lines += ["", f"Final test accuracy minus `{base_name}`'s, paired by seed (positive: better than SET):", "",
                   "| configuration | paired seeds | difference (mean ± sd) | t |", "|---|---|---|---|"]
         for name, done in runs.items():
-            if name == "set_masked":
+            if name == base_name:
                 continue
             common = sorted(set(done) & set(base))
             diffs = [done[s]["final"]["test_acc"] - base[s]["final"]["test_acc"] for s in common]
@@ -151,6 +155,7 @@ def main() -> int:
     p.add_argument("--init", default=None, choices=("sparse-fan-in", "dense-fan-in"),
                    help="passed to set-kernels train (default: its own default, sparse-fan-in)")
     p.add_argument("--only", default=None, help="comma-separated configuration names")
+    p.add_argument("--base", default="set_masked", help="configuration the paired differences are taken against")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the JSON files, run nothing")
     args = p.parse_args()
     out_dir = os.path.abspath(args.out or os.path.join(ROOT, "benchmarks", "results", "cpu", "set_mlp", args.tag))
