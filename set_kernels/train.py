@@ -220,6 +220,16 @@ def _load_data(args):
     return source, directory, data.prepare(*raw, args.train_samples, args.test_samples)
 
 
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on every platform
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
 def _eval_chunk(sizes) -> int:
     """Test samples per evaluation forward: at most ~2**24 activations of the widest layer."""
     return max(1, min(1000, (1 << 24) // max(sizes)))
@@ -335,7 +345,7 @@ def _run(args, log) -> dict:
         "test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"],
         "best_test_acc": max(h["test_acc"] for h in history),
         "time_per_epoch_s": sum(times) / len(times), "total_time_s": sum(times) + sum(h["eval_time_s"] for h in history),
-        "live_weights": count_weights(model)[0]}}
+        "live_weights": count_weights(model)[0], "peak_rss_mb": _peak_rss_mb()}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
