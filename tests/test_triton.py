@@ -1,5 +1,6 @@
 """The triton backend against the float64 reference: block-sparse linear (forward, dX, dW through
-autograd), deterministic split-K, fused masked Adam/AdamW, dispatch and flags.
+autograd), element sparsity (block_size=1, the CSR kernels of spmm.py), deterministic split-K,
+fused masked Adam/AdamW, dispatch and flags.
 
 Without a GPU (CI) conftest sets TRITON_INTERPRET=1, so the kernels run in triton's interpreter on
 CPU tensors; the interpreter is slow, so the sizes here stay small (at most 256). With a CUDA
@@ -217,6 +218,199 @@ def test_sdd_bad_splits():
     layout, dy, x = _sdd_problem(torch.float32, 20)
     with pytest.raises(ValueError, match="splits"):
         _sdd(layout, dy, x, 0)
+
+
+# ------------------------------------------------------------------ element sparsity (b = 1)
+# Through the public op with block_size=1, which the triton package routes to the CSR kernels of
+# set_kernels/backends/triton/spmm.py (SpMM forward / dX, SDDMM dW). Interpreted token tile: 16.
+B1_TOKENS = 1000 if ON_GPU else 37  # 3 token tiles of 16 when interpreting, with a remainder
+
+
+def _spmm_module():
+    return importlib.import_module("set_kernels.backends.triton.spmm")
+
+
+@pytest.mark.parametrize("rows,cols,density", [(130, 70, 0.3), (37, 53, 0.05), (1, 1, 1.0)],
+                         ids=["130x70", "37x53-d0.05", "1x1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_b1_linear_dtypes_and_odd_sizes(dtype, rows, cols, density, poison_alloc):
+    """fp32 within TOL of float64; fp16/bf16 within 2x of torch's own F.linear error (check_linear)."""
+    problem = make_problem(rows, cols, 1, density, B1_TOKENS, dtype, seed=rows + cols)
+    layout = problem[0]
+    if density == 0.05:  # random at 5 %: some rows and some columns have no entry at all
+        mask = layout.element_mask()
+        assert (~mask.any(1)).any() and (~mask.any(0)).any()
+    check_linear(*problem, dtype)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_b1_linear_density_0_and_1(dtype, density, poison_alloc):
+    """Density 1: rows of 53 entries (several 16-entry chunks); density 0: y is the bias, dx is 0."""
+    problem = make_problem(37, 53, 1, density, B1_TOKENS, dtype, seed=3)
+    assert problem[0].nnz_blocks == round(density * 37 * 53)
+    check_linear(*problem, dtype)
+    if density == 0.0:
+        layout, values, x, bias, dy = problem
+        y, dx, dv, db = run_linear(layout, values, x, bias, dy, "triton")
+        assert torch.equal(y, bias.expand_as(y)) and torch.equal(dx, torch.zeros_like(dx)) and dv.shape == (0, 1, 1)
+
+
+def _handmade_b1_layout():
+    """6 x 7 CSR: rows 0 and 3 empty, columns 2 and 5 empty."""
+    row_ptr = torch.tensor([0, 0, 3, 4, 4, 9, 10])
+    col_idx = torch.tensor([0, 3, 6, 1, 0, 1, 3, 4, 6, 6])
+    return BSL.from_csr(row_ptr, col_idx, 1, (6, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_b1_handmade_layout_empty_rows_and_cols(dtype, poison_alloc):
+    layout = _handmade_b1_layout()
+    values = randn(layout.nnz_blocks, 1, 1, dtype=dtype, seed=1)
+    x = randn(B1_TOKENS, 7, dtype=dtype, seed=2)
+    bias = randn(6, dtype=dtype, seed=3)
+    dy = randn(B1_TOKENS, 6, dtype=dtype, seed=4)
+    check_linear(layout, values, x, bias, dy, dtype)
+    y, dx, dv, db = run_linear(layout, values, x, bias, dy, "triton")
+    for r in (0, 3):  # no entries: exactly the bias
+        assert torch.equal(y[:, r], bias[r].expand(B1_TOKENS)), r
+    for c in (2, 5):  # no entries: exactly 0
+        assert torch.equal(dx[:, c], torch.zeros(B1_TOKENS, dtype=dtype)), c
+    # every other output depends on its entries (not a bias / zero copy)
+    assert not torch.equal(y[:, 1], bias[1].expand(B1_TOKENS))
+
+
+def test_b1_leading_dims_and_many_token_tiles(poison_alloc):
+    """x (2, 3, T, cols): 150 tokens interpreted = 10 forward token tiles and 3 dW token chunks of 64."""
+    tokens = 25 if not ON_GPU else 700
+    problem = make_problem(37, 53, 1, 0.5, tokens, torch.float32, seed=9, lead=(2, 3))
+    check_linear(*problem, torch.float32)
+    y = run_linear(*problem, "triton")[0]
+    assert y.shape == (2, 3, tokens, 37)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_b1_no_tokens(bias, poison_alloc):
+    layout, values, x, bvec, dy = make_problem(37, 53, 1, 0.3, 0, torch.float32, bias=bias)
+    y, dx, dv, db = run_linear(layout, values, x, bvec, dy, "triton")
+    assert y.shape == (0, 37) and dx.shape == (0, 53) and dv.shape == (layout.nnz_blocks, 1, 1)
+    assert torch.equal(dv, torch.zeros_like(dv))
+    if bias:
+        assert torch.equal(db, torch.zeros_like(db))
+
+
+def test_b1_routes_to_the_csr_kernels(monkeypatch):
+    """block_size 1 reaches spmm.py (and not the block kernels); other block sizes do not."""
+    from set_kernels.backends import triton as tb
+
+    spmm = _spmm_module()
+    calls = []
+    for name in ("spmm_dsd", "spmm_dds", "spmm_sdd"):
+        original = getattr(spmm, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(spmm, name, spy)
+    for name in ("_block_dsd", "_block_dds", "_block_sdd"):
+        original = getattr(tb, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(tb, name, spy)
+    run_linear(*make_problem(20, 30, 1, 0.3, 5, torch.float32), "triton")
+    assert sorted(calls) == ["spmm_dds", "spmm_dsd", "spmm_sdd"]
+    calls.clear()
+    run_linear(*make_problem(20, 30, 16, 1.0, 5, torch.float32), "triton")
+    assert sorted(calls) == ["_block_dds", "_block_dsd", "_block_sdd"]
+    assert 1 in tb.BLOCK_SIZES and backends.resolve("triton", "bsmm_dsd", DEVICE, torch.float32, 1) == "triton"
+
+
+def _spmm_raw(inp, values, ptr, idx, perm, bias, n_out, n_in, block_m, block_r, num_warps=4):
+    """One launch of the SpMM kernel with a given (BLOCK_M, BLOCK_R), bypassing the autotuner."""
+    import triton
+
+    from set_kernels.backends.triton import _common
+
+    spmm = _spmm_module()
+    M = inp.shape[0]
+    out = torch.empty(M, n_out, dtype=inp.dtype, device=inp.device)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(n_out, block_r),)
+    spmm._spmm_kernel.fn[grid](
+        inp.t().contiguous(), values.reshape(-1), ptr, idx, idx if perm is None else perm,
+        out if bias is None else bias, out, M, n_out, n_in, 0, 0, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
+        INTERPRETED=_common.INTERPRET, LOG_K=spmm.LOG_KC, BLOCK_M=block_m, BLOCK_R=block_r, num_warps=num_warps)
+    return out
+
+
+def _sddmm_raw(dy, x, row, col, rows, cols, block_e, num_warps=4):
+    import triton
+
+    from set_kernels.backends.triton import _common
+
+    spmm = _spmm_module()
+    M, nnz = dy.shape[0], row.numel()
+    out = torch.empty(nnz, 1, 1, dtype=dy.dtype, device=dy.device)
+    spmm._sddmm_kernel.fn[(triton.cdiv(nnz, block_e),)](
+        dy.t().contiguous(), x.t().contiguous(), row, col, out, M, nnz, rows, cols, 0, 0,
+        INTERPRETED=_common.INTERPRET, LOG_T=spmm.LOG_TOK, BLOCK_E=block_e, num_warps=num_warps)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_b1_bit_identical_across_launch_configs_and_runs(dtype, poison_alloc):
+    """The reduction order is fixed by the data (KC / TOK chunks, pairwise tree), not by the
+    autotuned tile: y, dx and dv are bit-identical across configs and across runs."""
+    from set_kernels.backends import triton as tb
+
+    layout, values, x, bias, dy = make_problem(37, 53, 1, 0.4, 40, dtype, seed=13)
+    layout, values, x, bias, dy = layout.to(DEVICE), values.to(DEVICE), x.to(DEVICE), bias.to(DEVICE), dy.to(DEVICE)
+    rows, cols = layout.shape
+    y = tb.bsmm_dsd(x, values, layout.row_ptr, layout.col_idx, bias, rows, cols, 1)
+    dx = tb.bsmm_dds(dy, values, layout.col_ptr, layout.row_idx, layout.perm, rows, cols, 1)
+    dv = tb.bsmm_sdd(dy, x, layout.block_row, layout.col_idx, rows, cols, 1)
+    assert torch.equal(y, tb.bsmm_dsd(x, values, layout.row_ptr, layout.col_idx, bias, rows, cols, 1))
+    assert torch.equal(dx, tb.bsmm_dds(dy, values, layout.col_ptr, layout.row_idx, layout.perm, rows, cols, 1))
+    assert torch.equal(dv, tb.bsmm_sdd(dy, x, layout.block_row, layout.col_idx, rows, cols, 1))
+    for bm, br, w in [(16, 2, 4), (64, 8, 8)]:
+        got = _spmm_raw(x, values, layout.row_ptr, layout.col_idx, None, bias, rows, cols, bm, br, w)
+        assert torch.equal(got, y), ("y", bm, br, w)
+        got = _spmm_raw(dy, values, layout.col_ptr, layout.row_idx, layout.perm, None, cols, rows, bm, br, w)
+        assert torch.equal(got, dx), ("dx", bm, br, w)
+    for be, w in [(16, 4), (128, 8)]:
+        assert torch.equal(_sddmm_raw(dy, x, layout.block_row, layout.col_idx, rows, cols, be, w), dv), ("dv", be, w)
+    ref = linear_ref(x.cpu(), values.cpu(), layout.to("cpu"), bias.cpu(), dy.cpu())
+    assert_close_scaled(y.cpu(), ref[0], 1e-4 if dtype == torch.float32 else 2 ** -8, "y")
+
+
+def test_b1_rejects_block_shaped_values_and_options():
+    from set_kernels.backends import triton as tb
+
+    layout, values, x, bias, dy = make_problem(20, 30, 1, 0.3, 5, torch.float32)
+    layout, x, dy = layout.to(DEVICE), x.to(DEVICE), dy.to(DEVICE)
+    with pytest.raises(ValueError, match=r"values: expected shape \(\d+, 1, 1\)"):
+        tb.bsmm_dsd(x, torch.zeros(layout.nnz_blocks, 2, 2, device=DEVICE), layout.row_ptr, layout.col_idx, None,
+                    20, 30, 1)
+    with pytest.raises(TypeError, match="no options"):
+        tb.bsmm_sdd(dy, x, layout.block_row, layout.col_idx, 20, 30, 1, splits=2)
+
+
+def test_b1_autotune_config_pruning():
+    spmm = _spmm_module()
+    assert len(spmm.SPMM_CONFIGS) > 1 and len(spmm.SDDMM_CONFIGS) > 1
+    for m_bucket in (16, 32, 64, 1 << 20):
+        kept = spmm._prune_spmm(spmm.SPMM_CONFIGS, {}, M_BUCKET=m_bucket)
+        assert kept and all(c in spmm.SPMM_CONFIGS for c in kept)
+        assert all(c.kwargs["BLOCK_M"] <= m_bucket for c in kept)
+    assert len(spmm._prune_spmm(spmm.SPMM_CONFIGS, {}, M_BUCKET=1 << 20)) == len(spmm.SPMM_CONFIGS)
+    # the tile of every config fits a modest register budget (fp32, elements per thread)
+    for c in spmm.SPMM_CONFIGS:
+        assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_R"] * (1 << spmm.LOG_KC) // (32 * c.num_warps) <= 64
+    for c in spmm.SDDMM_CONFIGS:
+        assert c.kwargs["BLOCK_E"] * (1 << spmm.LOG_TOK) // (32 * c.num_warps) <= 64
 
 
 # ---------------------------------------------------------------------------- masked Adam

@@ -4,13 +4,15 @@ The interpreter (how CI runs tests/test_triton.py) executes kernels as Python an
 the compiler would reject. So here a fresh process (no TRITON_INTERPRET) compiles each kernel
 ahead of time with ``triton.compile`` for sm_90 and sm_80, with the ptxas bundled with triton,
 and checks a few facts of the result: tensor-core instructions for bf16, a multi-buffered
-(pipelined) K loop, vector accesses in masked Adam.
+(pipelined) K loop, vector accesses in masked Adam; for the element-sparse (b = 1) kernels:
+vector gathers over the transposed activations, no atomics, no layout conversion in the loops.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,16 +32,20 @@ dsd = importlib.import_module("set_kernels.backends.triton.bsmm_dsd")
 dds = importlib.import_module("set_kernels.backends.triton.bsmm_dds")
 sdd = importlib.import_module("set_kernels.backends.triton.bsmm_sdd")
 adam = importlib.import_module("set_kernels.backends.triton.masked_adam")
+spmm = importlib.import_module("set_kernels.backends.triton.spmm")
 DIV = [["tt.divisibility", 16]]  # what triton's launcher specialises for multiples of 16
 
 
-def compile_(fn, sig, const, arch, num_warps, num_stages=3, div=()):
+def compile_(fn, sig, const, arch, num_warps, num_stages=3, div=(), ttgir=False):
     full = {k: ("constexpr" if k in const else v) for k, v in sig.items()}
     names = list(sig)
     attrs = {(names.index(n),): DIV for n in div}
     k = triton.compile(ASTSource(fn, full, const, attrs), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
-    return {"ptx": k.asm["ptx"], "smem": k.metadata.shared}
+    res = {"ptx": k.asm["ptx"], "smem": k.metadata.shared}
+    if ttgir:
+        res["ttgir"] = k.asm["ttgir"]
+    return res
 
 
 out = {}
@@ -81,6 +87,45 @@ for arch in (90, 80):
         out[f"adam-{arch}-{pdt}-{sdt}"] = compile_(adam._masked_adam_kernel, sig, dict(
             P_DT=TL[pdt], S_DT=TL[sdt], HAS_MASK=has_mask, HAS_SCALE=has_scale, HAS_INF=has_inf, COUPLED_WD=coupled,
             LOG_N=3, BLOCK=adam.BLOCK, ITERS=adam.ITERS, ALIGNED=True, INTERPRETED=False), arch, adam.NUM_WARPS)
+# Element sparsity (b = 1): SpMM (forward with bias, dX through perm) and SDDMM, with and without
+# the divisibility triton gives M (and the pointers) when M is a multiple of 16.
+def spmm_sig(p):
+    return dict(inT_ptr=p, v_ptr=p, ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32", bias_ptr=p, out_ptr=p, M="i32",
+                n_out="i32", n_in="i32", M_BUCKET="i32", NNZ_BUCKET="i32", HAS_PERM=0, HAS_BIAS=0, INTERPRETED=0,
+                LOG_K=0, BLOCK_M=0, BLOCK_R=0)
+
+
+def sddmm_sig(p):
+    return dict(dyT_ptr=p, xT_ptr=p, row_ptr="*i32", col_ptr="*i32", out_ptr=p, M="i32", nnz="i32", rows="i32",
+                cols="i32", M_BUCKET="i32", NNZ_BUCKET="i32", INTERPRETED=0, LOG_T=0, BLOCK_E=0)
+
+
+SPMM_DIV = ["inT_ptr", "v_ptr", "bias_ptr", "out_ptr", "M"]
+SDDMM_DIV = ["dyT_ptr", "xT_ptr", "out_ptr", "M"]
+for arch in (90, 80):
+    for dt in ("bf16", "fp32") + (("fp16",) if arch == 90 else ()):
+        p = "*" + dt
+        for perm in (False, True):
+            for aligned in (True, False):
+                cfg = spmm.SPMM_CONFIGS[3]
+                out[f"spmm-{arch}-{dt}-{'dds' if perm else 'dsd'}-{aligned}"] = compile_(
+                    spmm._spmm_kernel.fn, spmm_sig(p), dict(HAS_PERM=perm, HAS_BIAS=not perm, INTERPRETED=False,
+                    LOG_K=spmm.LOG_KC, **cfg.kwargs), arch, cfg.num_warps, cfg.num_stages, SPMM_DIV if aligned else (),
+                    ttgir=True)
+        for aligned in (True, False):
+            cfg = spmm.SDDMM_CONFIGS[1]
+            out[f"sddmm-{arch}-{dt}-{aligned}"] = compile_(
+                spmm._sddmm_kernel.fn, sddmm_sig(p), dict(INTERPRETED=False, LOG_T=spmm.LOG_TOK, **cfg.kwargs), arch,
+                cfg.num_warps, cfg.num_stages, SDDMM_DIV if aligned else (), ttgir=True)
+# every autotune config of the b = 1 kernels (sm_90, bf16)
+for i, cfg in enumerate(spmm.SPMM_CONFIGS):
+    out[f"spmmcfg-{i}"] = compile_(spmm._spmm_kernel.fn, spmm_sig("*bf16"), dict(HAS_PERM=True, HAS_BIAS=False,
+                                   INTERPRETED=False, LOG_K=spmm.LOG_KC, **cfg.kwargs), 90, cfg.num_warps,
+                                   cfg.num_stages, SPMM_DIV)
+for i, cfg in enumerate(spmm.SDDMM_CONFIGS):
+    out[f"sddmmcfg-{i}"] = compile_(spmm._sddmm_kernel.fn, sddmm_sig("*bf16"), dict(INTERPRETED=False,
+                                    LOG_T=spmm.LOG_TOK, **cfg.kwargs), 90, cfg.num_warps, cfg.num_stages, SDDMM_DIV)
+out["n_spmm_configs"] = [len(spmm.SPMM_CONFIGS), len(spmm.SDDMM_CONFIGS)]
 json.dump(out, open(sys.argv[1], "w"))
 '''
 
@@ -106,8 +151,11 @@ def compiled(tmp_path_factory):
 
 def test_every_kernel_compiles_for_sm90_and_sm80(compiled):
     for arch in (90, 80):
-        for op in ("dsd", "dds", "sdd", "sum", "adam"):
+        for op in ("dsd", "dds", "sdd", "sum", "adam", "spmm", "sddmm"):
             assert any(k.startswith(f"{op}-{arch}-") for k in compiled), (op, arch)
+    n_spmm, n_sddmm = compiled["n_spmm_configs"]
+    assert all(f"spmmcfg-{i}" in compiled for i in range(n_spmm))
+    assert all(f"sddmmcfg-{i}" in compiled for i in range(n_sddmm))
 
 
 def test_bf16_matmuls_use_tensor_cores(compiled):
@@ -135,3 +183,56 @@ def test_forward_and_dx_loops_are_multi_buffered(compiled):
 def test_masked_adam_full_chunks_vectorise(compiled):
     for key in ("adam-90-fp32-fp32", "adam-90-bf16-fp32"):
         assert "ld.global.v4" in compiled[key]["ptx"] and "st.global.v4" in compiled[key]["ptx"], key
+
+
+# an atomic PTX opcode, optionally predicated ("@%p1 atom.global..."; not the "red." of "st.shared.")
+ATOMIC = re.compile(r"^\s*(@!?%\w+\s+)?(atom|red)\.", re.M)
+
+
+def _b1_keys(compiled):
+    return [k for k in compiled if k.split("-")[0] in ("spmm", "sddmm", "spmmcfg", "sddmmcfg")]
+
+
+def test_b1_gathers_are_vector_loads_over_transposed_activations(compiled):
+    """At b = 1 the gathered operand is transposed to (features, M), so the BLOCK_M tokens of one
+    connection are contiguous: with M a multiple of 16 each thread loads 16 bytes at once."""
+    for arch in (90, 80):
+        for dt in ("bf16", "fp32"):
+            for key in (f"spmm-{arch}-{dt}-dsd-True", f"spmm-{arch}-{dt}-dds-True", f"sddmm-{arch}-{dt}-True"):
+                assert "ld.global.v4" in compiled[key]["ptx"], key
+
+
+def test_b1_kernels_use_no_atomics_and_no_tensor_cores(compiled):
+    """One writer per output element (deterministic); fp32 FMAs, no MMA instructions."""
+    keys = _b1_keys(compiled)
+    assert len(keys) >= 20
+    for key in keys:
+        ptx = compiled[key]["ptx"]
+        assert not ATOMIC.search(ptx), key
+        assert "mma" not in ptx and "fma.rn.f32" in ptx, key
+
+
+def _loop_bodies(ttgir):
+    """The text of each scf.for loop of a TTGIR module."""
+    bodies, lines = [], ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if "scf.for" in line:
+            depth, body = 0, []
+            for inner in lines[i:]:
+                body.append(inner)
+                depth += inner.count("{") - inner.count("}")
+                if depth <= 0:
+                    break
+            bodies.append("\n".join(body))
+    return bodies
+
+
+def test_b1_loops_keep_one_layout(compiled):
+    """Inside the entry loop (SpMM) and the token loop (SDDMM) the gathered tile and the index /
+    value tiles share one layout: no convert_layout (a shared-memory round trip) per iteration."""
+    keys = [k for k in compiled if k.split("-")[0] in ("spmm", "sddmm")]
+    assert len(keys) == (3 + 2) * (4 + 2)  # dtypes (3 on sm_90, 2 on sm_80) x (4 spmm + 2 sddmm variants)
+    for key in keys:
+        bodies = _loop_bodies(compiled[key]["ttgir"])
+        assert len(bodies) == 1, key
+        assert "convert_layout" not in bodies[0] and "local_alloc" not in bodies[0], key

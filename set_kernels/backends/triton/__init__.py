@@ -4,6 +4,9 @@ One file per op, each holding its kernels, launcher and autotune configs:
 :mod:`.bsmm_dsd` (forward, fused bias), :mod:`.bsmm_dds` (input gradient through the transposed
 index, no atomics), :mod:`.bsmm_sdd` (weight gradient on live blocks, deterministic split-K) and
 :mod:`.masked_adam` (multi-tensor, one launch per dtype group, AMP-aware with no host sync).
+Element sparsity (``block_size == 1``, plain CSR) has its own kernels in :mod:`.spmm` (SpMM for
+the forward and dX over transposed activations, SDDMM for dW); the ``bsmm_*`` functions of this
+package route ``block_size == 1`` there and every other block size to the block kernels.
 Shared flags and helpers live in :mod:`._common`.
 
 Devices: compiled kernels run CUDA tensors. With ``TRITON_INTERPRET=1`` set before triton is
@@ -12,7 +15,8 @@ and run CPU tensors only; that is slow and meant for testing, so ``"auto"`` neve
 backend for CPU tensors.
 
 Dtypes: fp32 (exact fp32 products by default; TF32 with ``SET_KERNELS_TRITON_TF32=1`` or
-:func:`set_allow_tf32`), fp16 and bf16, accumulated in fp32. Block sizes 16, 32, 64, 128.
+:func:`set_allow_tf32`), fp16 and bf16, accumulated in fp32 (at b = 1 the products are plain fp32
+FMAs, with no TF32 involved). Block sizes 1 (element sparsity), 16, 32, 64, 128.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 
 NAME = "triton"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_SIZES = (1, 16, 32, 64, 128)
 
 try:
     from . import _common
@@ -39,10 +44,34 @@ INTERPRET = bool(_common is not None and _common.INTERPRET)
 DEVICES = ("cpu",) if INTERPRET else ("cuda",)
 
 if _common is not None:
-    from .bsmm_dds import bsmm_dds
-    from .bsmm_dsd import bsmm_dsd
-    from .bsmm_sdd import bsmm_sdd
+    from . import spmm as _spmm
+    from .bsmm_dds import bsmm_dds as _block_dds
+    from .bsmm_dsd import bsmm_dsd as _block_dsd
+    from .bsmm_sdd import bsmm_sdd as _block_sdd
     from .masked_adam import masked_adam_
+
+    def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+        """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (b = 1: :func:`.spmm.spmm_dsd`)."""
+        if int(block_size) == 1:
+            return _spmm.spmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols)
+        return _block_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
+
+    def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+        """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` (b = 1: :func:`.spmm.spmm_dds`)."""
+        if int(block_size) == 1:
+            return _spmm.spmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols)
+        return _block_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
+
+    def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, **kwargs) -> torch.Tensor:
+        """Weight gradient ``dv (nnz, b, b)`` on live blocks (b = 1: :func:`.spmm.spmm_sdd`).
+
+        ``kwargs`` (``splits``) go to the block kernel's split-K; b = 1 takes none.
+        """
+        if int(block_size) == 1:
+            if kwargs:
+                raise TypeError(f"block_size 1 takes no options, got {sorted(kwargs)}")
+            return _spmm.spmm_sdd(dy, x, block_row, col_idx, rows, cols)
+        return _block_sdd(dy, x, block_row, col_idx, rows, cols, block_size, **kwargs)
 
 
 def availability() -> tuple[bool, str]:
