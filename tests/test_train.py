@@ -24,7 +24,7 @@ def parse(*argv):
     return parser.parse_args(["--threads", "1", *argv])
 
 
-@pytest.mark.parametrize("mode,layer", [("set", "masked"), ("set", "block"), ("dense", "masked")])
+@pytest.mark.parametrize("mode,layer", [("set", "masked"), ("set", "sparse"), ("set", "block"), ("dense", "masked")])
 def test_real_fashion_mnist_one_epoch_beats_70_percent(capsys, mode, layer):
     """CI installs dataset-fashion-mnist: a missing data set FAILS here (no skip).
 
@@ -43,6 +43,34 @@ def test_real_fashion_mnist_one_epoch_beats_70_percent(capsys, mode, layer):
     assert result["final"]["test_acc"] > 0.70, result["final"]
     out = capsys.readouterr().out
     assert "test_acc=" in out.strip().splitlines()[-1]
+
+
+def test_element_sparse_layers_on_real_images(tmp_path):
+    """--layer sparse --hidden 300,300,300 on a few hundred real images: SparseLinear(block_size=1)
+    layers of the ER densities, evolving, with a constant live count, learning."""
+    from set_kernels.nn import SparseLinear
+
+    path = tmp_path / "s.json"
+    args = parse("--data", "fashion-mnist", "--epochs", "3", "--train-samples", "400", "--test-samples", "300",
+                 "--mode", "set", "--layer", "sparse", "--hidden", "300,300,300", "--batch", "20", "--json", str(path))
+    result = train.run(args)
+    cfg = result["config"]
+    assert cfg["sizes"] == [784, 300, 300, 300, 10] and cfg["batch"] == 20
+    expected = sum(round(train.er_density(i, o, 13.0) * i * o) for i, o in ((784, 300), (300, 300), (300, 300)))
+    assert cfg["live_weights"] == expected + 300 * 10  # the 300-10 output layer is dense (ER density > 1)
+    assert result["final"]["live_weights"] == cfg["live_weights"]
+    assert [h["evolved"] for h in result["history"]] == [True, True, False]
+    assert result["history"][-1]["test_acc"] > 0.5
+    model = train.build_model("set", "sparse", 16, 13.0, 0, sizes=(784, 300, 300, 300, 10))
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    assert len(layers) == 3 and all(m.block_size == 1 for m in layers)
+
+
+@pytest.mark.parametrize("argv", [["--hidden", "10,x"], ["--hidden", "0"], ["--hidden", ""]])
+def test_bad_hidden_widths_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert "--hidden" in capsys.readouterr().err
 
 
 def test_init_bound_uses_live_fan_in():
@@ -134,6 +162,7 @@ def test_missing_data_dir_is_an_error(tmp_path, capsys):
     (["--zeta", "1.5"], "--zeta"),
     (["--epsilon", "-1"], "--epsilon"),
     (["--lr", "0"], "--lr"),
+    (["--batch", "0"], "--batch"),
     (["--data", "synthetic", "--train-samples", "10", "--test-samples", "100000000"], "test-samples"),
 ])
 def test_bad_arguments(argv, match, capsys):
