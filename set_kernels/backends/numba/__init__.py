@@ -224,9 +224,9 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     xn = _np(x)
     if b == 1:
         spmm = _load()[3]
-        xT, yT = _scratch(xn.dtype, (cols, M), (rows, M))
-        spmm.spmm(xn, _np(values).reshape(-1), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), xT, yT,
-                  spmm.TOKEN_TILE)
+        (xT,) = _scratch(xn.dtype, (cols, M))
+        spmm.spmm(xn, _np(values).reshape(-1), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), xT,
+                  spmm.TOKEN_TILE, spmm.ROW_CHUNK)
         return y
     (xb,) = _scratch(xn.dtype, (-(-cols // b), M, b))
     bsmm.dsd(xn, _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
@@ -250,9 +250,9 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     dyn = _np(dy)
     if b == 1:
         spmm = _load()[3]
-        dyT, dxT = _scratch(dyn.dtype, (rows, M), (cols, M))
-        spmm.spmm_t(dyn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), dyT, dxT,
-                    spmm.TOKEN_TILE)
+        (dyT,) = _scratch(dyn.dtype, (rows, M))
+        spmm.spmm_t(dyn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), dyT,
+                    spmm.TOKEN_TILE, spmm.ROW_CHUNK)
         return dx
     (dyb,) = _scratch(dyn.dtype, (-(-rows // b), M, b))
     bsmm.dds(dyn, _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,

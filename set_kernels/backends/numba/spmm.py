@@ -18,11 +18,13 @@ Design:
 * **Four entries per pass.** The forward and dX kernels consume a row's entries four at a time,
   ``acc += w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3``, which quarters the loads and stores of the
   accumulator against the loads of the operand rows.
-* **Parallel over independent outputs, no atomics.** The forward owns output rows (CSR), dX owns
-  input columns through the transposed index (so every ``dx`` row is written by one thread), and
-  dW owns live entries (each a dot product of two contiguous token runs).
+* **Parallel over independent outputs, no atomics.** The forward owns output features (CSR rows),
+  dX owns input features through the transposed index (so every ``dx`` element is written by one
+  thread), and dW owns live entries (each a dot product of two contiguous token runs). The
+  forward and dX accumulate ``ROW_CHUNK`` features x ``TOKEN_TILE`` tokens in a small tile and
+  write it straight into the row-major output, as contiguous segments of ``ROW_CHUNK`` values.
 
-Cost: O(nnz * M) arithmetic plus O((rows + cols) * M) for the transposes, with no term in
+Cost: O(nnz * M) arithmetic plus O((rows + cols) * M) for the transposes and output writes, with no term in
 ``rows * cols``. All index arithmetic is in int64 (``nnz`` and ``n * M`` may pass 2**31).
 """
 from __future__ import annotations
@@ -35,6 +37,8 @@ _SERIAL = dict(fastmath=True, cache=True)
 
 # Tokens per tile: 2 KiB of fp32 per feature row of a tile.
 TOKEN_TILE = 512
+# Output features per work item of the forward / dX kernels (one 64-byte fp32 segment per token).
+ROW_CHUNK = 16
 # Live entries per dW work item.
 ENTRY_CHUNK = 1024
 # Tile edge of the transposes.
@@ -61,68 +65,78 @@ def transpose(a, out):
 
 
 @njit(**_FLAGS)
-def _spmm_t(aT, v, ptr, idx, perm, use_perm, bias, has_bias, outT, TM):
-    """``outT (n_out, M) = Op @ aT`` with Op sparse in compressed rows.
+def _spmm_t(aT, v, ptr, idx, perm, use_perm, bias, has_bias, out, TM, RC):
+    """``out (M, n_out) = (Op @ aT).T`` with Op sparse in compressed rows.
 
-    Output row ``o`` owns entries ``ptr[o]:ptr[o+1]``; entry ``e`` reads row ``idx[e]`` of
+    Output feature ``o`` owns entries ``ptr[o]:ptr[o+1]``; entry ``e`` reads row ``idx[e]`` of
     ``aT (n_in, M)`` with weight ``v[perm[e] if use_perm else e]``. ``bias (n_out,)`` is added
-    when ``has_bias``.
+    when ``has_bias``. Work items are ``RC`` output features x ``TM`` tokens: their results are
+    accumulated token-major in a small ``(RC, TM)`` tile and written to ``out`` as ``RC``-wide
+    contiguous row segments, so no transposed output has to be copied back.
     """
     n_out = ptr.shape[0] - 1
     M = aT.shape[1]
     n_tiles = (M + TM - 1) // TM
+    n_chunks = (n_out + RC - 1) // RC
     zero = v.dtype.type(0)
-    for w in prange(n_out * n_tiles):
-        o = w // n_tiles
-        t0 = (w - o * n_tiles) * TM
+    for w in prange(n_chunks * n_tiles):
+        oc = w // n_tiles
+        t0 = (w - oc * n_tiles) * TM
         tn = min(TM, M - t0)
-        acc = outT[o, t0:t0 + tn]
-        b0 = bias[o] if has_bias else zero
+        o0 = oc * RC
+        rc = min(RC, n_out - o0)
+        tile = np.empty((RC, TM), dtype=v.dtype)
+        for i in range(rc):
+            o = o0 + i
+            acc = tile[i, :tn]
+            b0 = bias[o] if has_bias else zero
+            for t in range(tn):
+                acc[t] = b0
+            e0 = np.int64(ptr[o])
+            e1 = np.int64(ptr[o + 1])
+            e = e0
+            while e + 4 <= e1:
+                if use_perm:
+                    w0 = v[perm[e]]
+                    w1 = v[perm[e + 1]]
+                    w2 = v[perm[e + 2]]
+                    w3 = v[perm[e + 3]]
+                else:
+                    w0 = v[e]
+                    w1 = v[e + 1]
+                    w2 = v[e + 2]
+                    w3 = v[e + 3]
+                x0 = aT[idx[e], t0:t0 + tn]
+                x1 = aT[idx[e + 1], t0:t0 + tn]
+                x2 = aT[idx[e + 2], t0:t0 + tn]
+                x3 = aT[idx[e + 3], t0:t0 + tn]
+                for t in range(tn):
+                    acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
+                e += 4
+            while e < e1:
+                w0 = v[perm[e]] if use_perm else v[e]
+                x0 = aT[idx[e], t0:t0 + tn]
+                for t in range(tn):
+                    acc[t] += w0 * x0[t]
+                e += 1
         for t in range(tn):
-            acc[t] = b0
-        e0 = np.int64(ptr[o])
-        e1 = np.int64(ptr[o + 1])
-        e = e0
-        while e + 4 <= e1:
-            if use_perm:
-                w0 = v[perm[e]]
-                w1 = v[perm[e + 1]]
-                w2 = v[perm[e + 2]]
-                w3 = v[perm[e + 3]]
-            else:
-                w0 = v[e]
-                w1 = v[e + 1]
-                w2 = v[e + 2]
-                w3 = v[e + 3]
-            x0 = aT[idx[e], t0:t0 + tn]
-            x1 = aT[idx[e + 1], t0:t0 + tn]
-            x2 = aT[idx[e + 2], t0:t0 + tn]
-            x3 = aT[idx[e + 3], t0:t0 + tn]
-            for t in range(tn):
-                acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
-            e += 4
-        while e < e1:
-            w0 = v[perm[e]] if use_perm else v[e]
-            x0 = aT[idx[e], t0:t0 + tn]
-            for t in range(tn):
-                acc[t] += w0 * x0[t]
-            e += 1
+            dst = out[t0 + t, o0:o0 + rc]
+            for i in range(rc):
+                dst[i] = tile[i, t]
 
 
 @njit(**_SERIAL)
-def spmm(x, v, row_ptr, col_idx, bias, has_bias, y, xT, yT, TM):
-    """Forward ``y (M, rows) = x (M, cols) @ W.T (+ bias)``; ``xT (cols, M)``, ``yT (rows, M)`` scratch."""
+def spmm(x, v, row_ptr, col_idx, bias, has_bias, y, xT, TM, RC):
+    """Forward ``y (M, rows) = x (M, cols) @ W.T (+ bias)``; ``xT (cols, M)`` scratch."""
     transpose(x, xT)
-    _spmm_t(xT, v, row_ptr, col_idx, col_idx, False, bias, has_bias, yT, TM)
-    transpose(yT, y)
+    _spmm_t(xT, v, row_ptr, col_idx, col_idx, False, bias, has_bias, y, TM, RC)
 
 
 @njit(**_SERIAL)
-def spmm_t(dy, v, col_ptr, row_idx, perm, dx, dyT, dxT, TM):
+def spmm_t(dy, v, col_ptr, row_idx, perm, dx, dyT, TM, RC):
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` through the transposed index."""
     transpose(dy, dyT)
-    _spmm_t(dyT, v, col_ptr, row_idx, perm, True, v[:0], False, dxT, TM)
-    transpose(dxT, dx)
+    _spmm_t(dyT, v, col_ptr, row_idx, perm, True, v[:0], False, dx, TM, RC)
 
 
 @njit(**_FLAGS)
