@@ -154,25 +154,59 @@ struct TileSm80 {
     return kBRowMajor ? Bs + k * kLdB + n : Bs + n * kLdB + k;
   }
 
+  // v rounded to TF32 with the low 13 mantissa bits cleared.  PTX leaves those bits of
+  // cvt.rna.tf32.f32 (what __float_to_tf32 emits) to the implementation, and the tensor cores
+  // ignore them; the 3xTF32 split needs hi to be exactly the value the hardware multiplies,
+  // or v - hi misses the difference (CUTLASS clears them too).  NaN stays NaN.
+  __device__ static float to_tf32(float v) {
+    const float r = __uint_as_float(__float_as_uint(wmma::__float_to_tf32(v)) & 0xffffe000u);
+    return isnan(v) ? v : r;
+  }
   // Rounds fp32 fragment elements to TF32 (hi) and the remainder to TF32 (lo).
   template <typename Frag>
   __device__ static void split_tf32(Frag& hi, Frag& lo) {
 #pragma unroll
     for (int t = 0; t < hi.num_elements; ++t) {
       const float v = hi.x[t];
-      const float h = wmma::__float_to_tf32(v);
+      const float h = to_tf32(v);
       hi.x[t] = h;
-      lo.x[t] = wmma::__float_to_tf32(v - h);
+      lo.x[t] = to_tf32(v - h);  // exact difference: h is v rounded to 11 significant bits
     }
   }
   template <typename Frag>
   __device__ static void round_tf32(Frag& f) {
 #pragma unroll
-    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = to_tf32(f.x[t]);
   }
 
   // acc += A * B over this warp's share of the tile's K steps.
+  //
+  // 3xTF32 (fp32 with split3): the three products of each K step go into a fresh per-tile
+  // accumulator, which is then added to acc with ordinary fp32 adds (round to nearest).  The
+  // tensor cores' own accumulation need not round to nearest (it is documented to truncate on
+  // some parts); summed straight into acc, three truncations per K step of 8 over a long
+  // reduction would cost more than the split gains: emulated with truncation, the error
+  // relative to the largest entry grows to 4e-5 at K = 4096 and 3e-4 at K = 30000, against
+  // 4e-7 and 9e-7 with this per-tile promotion (see tests/test_cuda_backend.py, long K).
   __device__ static void mma(Acc& acc, const T* As, const T* Bs, int warp, bool split3) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (split3) {
+        Acc part;
+        zero(part);
+        mma_steps(part, As, Bs, warp, true);
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+          for (int j = 0; j < FN; ++j)
+#pragma unroll
+            for (int t = 0; t < part.c[i][j].num_elements; ++t) acc.c[i][j].x[t] += part.c[i][j].x[t];
+        return;
+      }
+    }
+    mma_steps(acc, As, Bs, warp, false);
+  }
+
+  __device__ static void mma_steps(Acc& acc, const T* As, const T* Bs, int warp, bool split3) {
     const int m_base = warp_m(warp) * FM * 16;
     const int n_base = warp_n(warp) * FN * 16;
 #pragma unroll

@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -197,3 +199,53 @@ else:
     _hyp_settings.register_profile("long", max_examples=400, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
     _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ------------------------------------------------------------------------- markers and time limit
+# Tests that need a GPU carry the marker `gpu`, so that a GPU session can run them alone
+# (`pytest -m gpu`). A file that marks some of its tests `@pytest.mark.gpu` itself is taken as
+# it is. In the other files a test is marked here by name: when its name (with its parameters)
+# holds the word "gpu" or "cuda" between separators (`_`, `-`, `[`, `]`), e.g. test_gpu_ops...,
+# test_op_cuda_matches..., test_x[cuda-bfloat16], and it does not use the `no_gpu` fixture. The
+# rule errs towards marking: a marked test that needs no GPU costs a skip or a second there,
+# while a GPU test left unmarked would never run in the GPU session. `slow` marks tests worth
+# leaving out of a short run (`-m "not slow"`).
+_GPU_WORD = re.compile(r"(?:^|[_\-\[\]])(?:gpu|cuda)(?=$|[_\-\[\]])", re.IGNORECASE)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skips without one); select with -m gpu")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; leave out with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    marks_itself = {item.path for item in items if item.get_closest_marker("gpu") is not None}
+    for item in items:
+        if item.path in marks_itself or "no_gpu" in getattr(item, "fixturenames", ()):
+            continue
+        if _GPU_WORD.search(item.name):
+            item.add_marker(pytest.mark.gpu)
+
+
+# $SET_KERNELS_TEST_TIMEOUT (seconds) fails any single test that runs longer (SIGALRM, so the run
+# goes on with the next test). A hang inside C code (a CUDA kernel that never returns) is not
+# interrupted: benchmarks/gpu_session.sh also puts each pytest run under `timeout`.
+_TEST_TIMEOUT = float(os.environ.get("SET_KERNELS_TEST_TIMEOUT", "0") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if _TEST_TIMEOUT <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        pytest.fail(f"{item.nodeid} ran past SET_KERNELS_TEST_TIMEOUT={_TEST_TIMEOUT:g} s", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, _TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

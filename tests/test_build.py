@@ -218,6 +218,7 @@ def test_backend_reports_missing_extension(cuda_backend, monkeypatch):
                                   eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False)
 
 
+@pytest.mark.slow
 def test_pure_python_wheel_when_cuda_build_disabled(tmp_path):
     """SET_KERNELS_BUILD_CUDA=0 gives a py3-none-any wheel without _C (built from a copy of the tree)."""
     src = tmp_path / "src"
@@ -291,6 +292,7 @@ def _make_state(dtype, masked, gen, sizes=SIZES):
     return params, grads, m, v, masks
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("decoupled", [False, True])
@@ -314,6 +316,7 @@ def test_gpu_masked_adam_matches_float64_reference(gpu_backend, dtype, masked, d
                 assert (p[off] == 0).all() and (a[off] == 0).all() and (b[off] == 0).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_gpu_matches_torch_optim(gpu_backend, decoupled):
     gen = torch.Generator().manual_seed(7)
@@ -335,6 +338,7 @@ def test_gpu_matches_torch_optim(gpu_backend, decoupled):
         torch.testing.assert_close(p, t.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_found_inf_skips_everything(gpu_backend, dtype):
     gen = torch.Generator().manual_seed(3)
@@ -354,6 +358,7 @@ def test_gpu_found_inf_skips_everything(gpu_backend, dtype):
     assert not torch.equal(params[1], before[1])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_grad_scale(gpu_backend, dtype):
     gen = torch.Generator().manual_seed(5)
@@ -371,20 +376,36 @@ def test_gpu_grad_scale(gpu_backend, dtype):
         assert torch.equal(x, y)
 
 
+@pytest.mark.gpu
 def test_gpu_runs_on_the_current_stream(gpu_backend):
+    """The kernel launches on the current stream: checked so that a launch elsewhere FAILS.
+
+    The gradient is written on a side stream behind a long ``torch.cuda._sleep`` and the update
+    is queued right after it on that stream. On that stream the kernel sees the fresh gradient;
+    on the legacy default stream (which does not wait for torch's non-blocking side streams) it
+    would run at once on the stale one. Host syncs are forbidden meanwhile (they would hide it).
+    """
     gen = torch.Generator().manual_seed(11)
     params, grads, m, v, masks = _make_state(torch.float32, True, gen, sizes=[1 << 20])
     expected = _reference(params[0], grads[0], m[0], v[0], masks[0], step=1, weight_decay=0.0,
                           decoupled=False, **HP)
+    stale = [torch.full_like(grads[0], 1e3)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        gpu_backend.masked_adam_(params, grads, m, v, masks, step=1, weight_decay=0.0,
-                                 decoupled_weight_decay=False, **HP)
-    side.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s at 2 GHz
+            stale[0].copy_(grads[0])
+            gpu_backend.masked_adam_(params, stale, m, v, masks, step=1, weight_decay=0.0,
+                                     decoupled_weight_decay=False, **HP)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
     torch.testing.assert_close(params[0], expected[0], **TOL[torch.float32])
 
 
+@pytest.mark.gpu
 def test_gpu_low_precision_moments_are_supported(gpu_backend):
     gen = torch.Generator().manual_seed(13)
     params, grads, m, v, masks = _make_state(torch.bfloat16, False, gen, sizes=[300])
@@ -397,6 +418,7 @@ def test_gpu_low_precision_moments_are_supported(gpu_backend):
     torch.testing.assert_close(m16[0].float(), ref[1], rtol=1.6e-2, atol=1e-3)
 
 
+@pytest.mark.gpu
 @requires_gpu
 def test_gpu_binding_accepts_empty_tensors(C):
     C.masked_adam(**_adam_kwargs(params=[0], grads=[0], exp_avgs=[0], exp_avg_sqs=[0], numels=[0]))

@@ -169,6 +169,29 @@ def test_sdd_split_helpers(C):
     assert C.bsmm_sdd_workspace_numel(3, 10, 32) == 3 * 10 * 32 * 32
 
 
+def test_triton_sdd_split_depends_on_the_shape_only(monkeypatch):
+    """Both GPU backends choose dW's split-K from the shape alone: the Triton rule is applied with
+    a fixed SM count, whatever the device reports (its split count changes the bits)."""
+    triton_sdd = pytest.importorskip("set_kernels.backends.triton.bsmm_sdd", exc_type=ImportError)
+    from set_kernels.backends.triton import _common
+
+    seen = []
+    original = triton_sdd.choose_splits
+    monkeypatch.setattr(triton_sdd, "choose_splits", lambda nnz, M, sms: seen.append(sms) or original(nnz, M, sms))
+    layout = BSL.random(40, 40, 16, 0.5, generator=gen(5))
+    dev = torch.device("cuda" if HAS_TORCH_CUDA else "cpu")
+    if not _common.INTERPRET and not HAS_TORCH_CUDA:
+        pytest.skip("triton runs neither compiled (no GPU) nor interpreted here")
+    lay = layout.to(dev)
+    dy, x = randn(40, 40, seed=6).to(dev), randn(40, 40, seed=7).to(dev)
+    results = []
+    for sms in (4, 108, 132, 1000):
+        monkeypatch.setattr(_common, "num_sms", lambda device, _n=sms: _n)
+        results.append(triton_sdd.bsmm_sdd(dy, x, lay.block_row, lay.col_idx, 40, 40, 16))
+    assert seen == [triton_sdd.SPLIT_SMS] * 4
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
 # ------------------------------------------------------------------------------ dispatch without GPU
 def test_info_says_cuda_unavailable_and_why(C, no_gpu):
     entry = sk.info()["cuda"]
@@ -219,6 +242,7 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 BLOCKS = [16, 32, 64, 128]
 DENSITIES = [0.0, 0.3, 1.0]
 FP32_REL = 2e-5  # 3xTF32 + fp32 accumulation, relative to the reference's largest entry
+SLEEP_CYCLES = 200_000_000  # torch.cuda._sleep: ~0.1 s at 2 GHz, longer at idle clocks
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +305,7 @@ def _run_all(cuda, layout, values, x, dy, bias, dev, **sdd_kw):
     return y, dx, dv
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("b", BLOCKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -309,6 +334,7 @@ def test_gpu_ops_match_float64_reference(cuda, poison_alloc, dtype, b, density):
         assert torch.equal(dx.cpu(), torch.zeros_like(dx.cpu()))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("b", BLOCKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_ops_are_deterministic(cuda, dtype, b):
@@ -326,6 +352,7 @@ def test_gpu_ops_are_deterministic(cuda, dtype, b):
         assert torch.equal(a, c)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_sdd_split_k_matches_reference(cuda, poison_alloc, dtype):
     """Forced split counts (1, 3, 7, more than the tokens allow) against the float64 reference."""
@@ -346,6 +373,7 @@ def test_gpu_sdd_split_k_matches_reference(cuda, poison_alloc, dtype):
     assert torch.equal(again, results[2])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 63, 64, 65, 200])
 def test_gpu_token_counts_and_row_strides(cuda, poison_alloc, M):
     """Partial token tiles, and inputs whose rows are strided (views of wider tensors)."""
@@ -366,6 +394,7 @@ def test_gpu_token_counts_and_row_strides(cuda, poison_alloc, M):
     assert_close_scaled(dv.cpu(), blocks_ref(dy64.T @ x64, layout), FP32_REL, "bsmm_sdd")
 
 
+@pytest.mark.gpu
 def test_gpu_tf32_mode(cuda, monkeypatch):
     """FP32_MATMUL='tf32' (one TF32 pass) stays within TF32 accuracy; the default is more accurate."""
     b = 64
@@ -387,6 +416,7 @@ def test_gpu_tf32_mode(cuda, monkeypatch):
         cuda.bsmm_dsd(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
 
 
+@pytest.mark.gpu
 def test_gpu_public_op_with_autograd(cuda):
     """block_sparse_linear(backend='cuda'): forward and all three gradients against float64."""
     b = 32
@@ -403,21 +433,108 @@ def test_gpu_public_op_with_autograd(cuda):
     assert_close_scaled(bb.grad.cpu(), dy64.sum(0), FP32_REL, "dbias")
 
 
+@pytest.mark.gpu
 def test_gpu_runs_on_current_stream(cuda):
-    b = 16
-    layout, values, x, dy, bias = _inputs(b, 1.0, torch.float32, seed=41)
-    values = values.nan_to_num(0.0).cuda()
-    lay = layout.to("cuda")
+    """Every op launches on the current stream: checked so that a launch elsewhere FAILS.
+
+    The inputs are written on a side stream behind a long ``torch.cuda._sleep``, and each op is
+    queued right after them, on that stream. Launched there, a kernel reads the fresh inputs;
+    launched on the legacy default stream (which does not wait for torch's non-blocking side
+    streams) or any other, it runs at once and reads the stale ones. No host sync is allowed in
+    between (it would hide the mistake), hence the sync debug mode.
+    """
+    b = 32
+    layout, values, x, dy, _ = _inputs(b, 1.0, torch.float32, seed=41)
+    values = values.nan_to_num(0.0)
     rows, cols = layout.shape
-    xd = x.cuda()
+    lay = layout.to("cuda")
+    fresh = [t.cuda() for t in (values, x, dy)]
+    stale = [-t for t in fresh]  # same shapes, other values
+    v, xd, dyd = stale
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        y = cuda.bsmm_dsd(xd, values, lay.row_ptr, lay.col_idx, None, rows, cols, b)
-    side.synchronize()
-    assert_close_scaled(y.cpu(), x.double() @ dense_ref(values.cpu(), layout).T, FP32_REL, "side stream")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            for dst, src in zip(stale, fresh):
+                dst.copy_(src)
+            y = cuda.bsmm_dsd(xd, v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+            dx = cuda.bsmm_dds(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
+            dv = cuda.bsmm_sdd(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, splits=3)  # + the reduce pass
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    w = dense_ref(values, layout)
+    assert_close_scaled(y.cpu(), x.double() @ w.T, FP32_REL, "bsmm_dsd on a busy side stream")
+    assert_close_scaled(dx.cpu(), dy.double() @ w, FP32_REL, "bsmm_dds on a busy side stream")
+    assert_close_scaled(dv.cpu(), blocks_ref(dy.double().T @ x.double(), layout), FP32_REL,
+                        "bsmm_sdd (split) on a busy side stream")
 
 
+@pytest.mark.gpu
+def test_gpu_ops_capture_in_a_cuda_graph(cuda):
+    """The ops can be captured in a CUDA graph (capture runs on a side stream: a launch on another
+    stream, a host sync or an allocation outside the graph's pool raises), and replays are right."""
+    b = 64
+    layout, values, x, dy, bias = _inputs(b, 0.5, torch.float32, seed=43)
+    values = values.nan_to_num(0.0)
+    rows, cols = layout.shape
+    lay = layout.to("cuda")
+    v, xd, dyd, bd = (t.cuda() for t in (values, x, dy, bias))
+
+    def step():
+        return (cuda.bsmm_dsd(xd, v, lay.row_ptr, lay.col_idx, bd, rows, cols, b),
+                cuda.bsmm_dds(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b),
+                cuda.bsmm_sdd(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, splits=2))
+
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        step()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, dx, dv = step()
+    for seed in (1, 2):  # new inputs in place, then replay
+        x2, dy2 = randn(*x.shape, seed=100 + seed), randn(*dy.shape, seed=200 + seed)
+        xd.copy_(x2)
+        dyd.copy_(dy2)
+        graph.replay()
+        torch.cuda.synchronize()
+        w = dense_ref(values, layout)
+        assert_close_scaled(y.cpu(), x2.double() @ w.T + bias.double(), FP32_REL, f"graph replay {seed}: y")
+        assert_close_scaled(dx.cpu(), dy2.double() @ w, FP32_REL, f"graph replay {seed}: dx")
+        assert_close_scaled(dv.cpu(), blocks_ref(dy2.double().T @ x2.double(), layout), FP32_REL,
+                            f"graph replay {seed}: dW")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["bsmm_dsd", "bsmm_sdd"])
+def test_gpu_fp32_long_reductions_stay_within_the_bound(cuda, op):
+    """3xTF32 over K of 4,000 to 16,000: the per-tile promotion keeps the tensor cores' own
+    accumulation (which may truncate) from piling up over a long reduction; the bound is the
+    short-K one, FP32_REL. Emulated with truncating accumulation and no promotion, the error
+    would be ~4e-5 at K = 4096 and ~1e-4 at 16384 (csrc/bsmm_sm80.cuh)."""
+    b = 64
+    if op == "bsmm_dsd":  # K = cols: one output block row of 64 live blocks
+        rows, cols, M = 64, 64 * 64, 256
+    else:  # K = tokens, one split (no split-K to shorten it)
+        rows, cols, M = 64, 64, 16384
+    layout = BSL.random(rows, cols, b, 1.0, generator=gen(71))
+    values = randn(layout.nnz_blocks, b, b, seed=72)
+    x, dy = randn(M, cols, seed=73), randn(M, rows, seed=74)
+    lay = layout.to("cuda")
+    if op == "bsmm_dsd":
+        got = cuda.bsmm_dsd(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        ref = x.double() @ dense_ref(values, layout).T
+    else:
+        got = cuda.bsmm_sdd(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, rows, cols, b, splits=1)
+        ref = blocks_ref(dy.double().T @ x.double(), layout)
+    assert_close_scaled(got.cpu(), ref, FP32_REL, f"{op}, K = {cols if op == 'bsmm_dsd' else M}")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TORCH_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_gpu_follows_the_tensors_device(cuda):
     """Tensors on cuda:1 while cuda:0 is current: the kernels run on cuda:1, current device unchanged."""
@@ -434,6 +551,7 @@ def test_gpu_follows_the_tensors_device(cuda):
     assert_close_scaled(dv.cpu(), blocks_ref(dy.double().T @ x.double(), layout), FP32_REL, "dW on cuda:1")
 
 
+@pytest.mark.gpu
 def test_gpu_rejects_bad_tensors(cuda):
     b = 16
     layout, values, x, dy, bias = _inputs(b, 1.0, torch.float32, seed=61)
@@ -455,6 +573,7 @@ def test_gpu_rejects_bad_tensors(cuda):
 
 
 # ---------------------------------------------------------------------------------- masked Adam (GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_gpu_masked_adam_matches_torch_backend(cuda, dtype, decoupled):

@@ -374,6 +374,7 @@ def test_params_at_different_step_counts(cpu_backend):
         torch.testing.assert_close(p, q, **PARITY_TOL[torch.float64])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
 def test_op_cuda_matches_readable_reference(name, dtype):
@@ -391,3 +392,144 @@ def test_op_cuda_matches_readable_reference(name, dtype):
         if mask is not None:
             for t in (p, m, v):
                 assert torch.equal(t[~mask].cpu(), torch.zeros_like(t[~mask].cpu()))
+
+
+# -------------------------------------------------- streams, CUDA graphs and devices (desk-check fixes)
+SLEEP_CYCLES = 200_000_000  # torch.cuda._sleep: ~0.1 s at 2 GHz, longer at idle clocks
+
+
+def _triton_adam_module():
+    ok, why = sk.backends.availability("triton")
+    if not ok:
+        pytest.skip(f"backend 'triton' unavailable: {why}")
+    from set_kernels.backends.triton import masked_adam
+
+    return masked_adam
+
+
+def _fake_rows(n=3):
+    """Table rows (p, g, m, v, mask addresses, numel) that are never dereferenced."""
+    return [(1 << 40 | 16 * i, 2 << 40 | 16 * i, 3 << 40, 4 << 40, 0, 5000 + 7 * i) for i in range(n)]
+
+
+def _expected_table(rows):
+    mod = _triton_adam_module()
+    starts = [0]
+    for r in rows:
+        starts.append(starts[-1] + -(-r[5] // mod.CHUNK))
+    return torch.tensor([a for r in rows for a in r[:5]] + [r[5] for r in rows] + starts, dtype=torch.int64)
+
+
+def test_triton_adam_tables_are_cached_per_stream(monkeypatch):
+    """A pointer table is reused on the stream it was uploaded on, and rebuilt for another stream
+    (its upload is ordered only with the first one). Runs wherever triton does (interpreted here)."""
+    mod = _triton_adam_module()
+    device = torch.device("cuda" if torch.cuda.is_available() and not mod._common.INTERPRET else "cpu")
+    mod.clear_table_cache()
+    rows = _fake_rows()
+    key = (str(device), torch.float32, torch.float32, False, tuple(rows))
+    monkeypatch.setattr(mod, "_stream_id", lambda dev: 7)
+    first = mod._tables_for(key, rows, device)
+    assert mod._tables_for(key, rows, device)[0] is first[0]  # same stream: cached
+    monkeypatch.setattr(mod, "_stream_id", lambda dev: 8)
+    other = mod._tables_for(key, rows, device)
+    assert other[0] is not first[0]  # another stream: its own upload
+    for table in (first, other):
+        assert torch.equal(torch.cat(table[:3]).cpu(), _expected_table(rows))
+        assert table[3] == _expected_table(rows)[-1].item()
+    mod.clear_table_cache()
+
+
+@pytest.mark.gpu
+def test_triton_adam_table_from_a_busy_stream_is_not_read_on_another():
+    """A table uploaded behind a long sleep on a side stream must not be handed to the default
+    stream, which does not wait for it: read there at once, it would hold garbage."""
+    require_cuda_backend("triton", "masked_adam_", torch.float32)
+    mod = _triton_adam_module()
+    device = torch.device("cuda")
+    mod.clear_table_cache()
+    rows = _fake_rows(5)
+    key = (str(device), torch.float32, torch.float32, False, tuple(rows))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        mod._tables_for(key, rows, device)  # its upload waits behind the sleep
+    table = mod._tables_for(key, rows, device)  # on the default stream
+    got = torch.cat(table[:3]).cpu()  # read on the default stream, right away
+    torch.cuda.synchronize()
+    assert torch.equal(got, _expected_table(rows))
+    mod.clear_table_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_op_cuda_replays_in_a_cuda_graph(name):
+    """masked_adam_ captured in a CUDA graph: every replay is one more update (with the step
+    count of the capture), also after the backend's caches were cleared and the memory reused."""
+    device = require_cuda_backend(name, "masked_adam_", torch.float32)
+    cpu = adam_inputs(torch.float32, seed=40)
+    params, grads, exp_avgs, exp_avg_sqs, masks = ([t.to(device) if t is not None else None for t in ts] for ts in cpu)
+    hyper = dict(HYPER, step=2)
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):  # warm-up (compiles, fills caches) on copies
+        copies = [[t.clone() if t is not None else None for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        sk.ops.masked_adam_(*copies, masks, decoupled_weight_decay=True, backend=name, **hyper)
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sk.ops.masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, decoupled_weight_decay=True,
+                            backend=name, **hyper)
+    expected = [(p, m, v) for p, m, v in zip(cpu[0], cpu[2], cpu[3])]  # float64 state on the CPU
+    for replay in range(3):
+        if replay == 2 and name == "triton":
+            _triton_adam_module().clear_table_cache()  # a table the graph still reads must survive this
+        junk = [torch.full((1 << 16,), 7.0, device=device) for _ in range(16)]  # reuse freed memory
+        new_grads = [randn(*g.shape, seed=500 + 10 * replay + i) for i, g in enumerate(cpu[1])]
+        for g, ng in zip(grads, new_grads):
+            g.copy_(ng)
+        graph.replay()
+        torch.cuda.synchronize()
+        del junk
+        expected = [adam_reference(p, g, m, v, mask, decoupled=True, **hyper)
+                    for (p, m, v), g, mask in zip(expected, new_grads, cpu[4])]
+        for (p_ref, m_ref, v_ref), p, m, v in zip(expected, params, exp_avgs, exp_avg_sqs):
+            what = f"replay {replay}"
+            torch.testing.assert_close(p.cpu().double(), p_ref, rtol=1e-5, atol=1e-6, msg=lambda s: f"{what}: {s}")
+            torch.testing.assert_close(m.cpu().double(), m_ref, rtol=1e-5, atol=1e-6, msg=lambda s: f"{what}: {s}")
+            torch.testing.assert_close(v.cpu().double(), v_ref, rtol=1e-5, atol=1e-6, msg=lambda s: f"{what}: {s}")
+
+
+def _step_skipped_behind_a_sleep(device):
+    """MaskedAdam.step with a found_inf that a kernel sets to 1 only after a long sleep on its
+    device's current stream; returns (step count after settling, params changed?)."""
+    p = torch.nn.Parameter(randn(1000, seed=90).to(device))
+    opt = MaskedAdam([p], lr=1e-2)
+    p.grad = randn(1000, seed=91).to(device)
+    before = p.detach().clone()
+    found_inf = torch.zeros(1, device=device)
+    with torch.cuda.device(device):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        found_inf.fill_(1.0)  # queued behind the sleep
+    opt.step(found_inf=found_inf)
+    state = opt.state_dict()  # settles the skipped step: must wait for the flag's copy
+    torch.cuda.synchronize()
+    return float(state["state"][0]["step"]), not torch.equal(p.detach(), before)
+
+
+@pytest.mark.gpu
+def test_gpu_found_inf_read_back_after_it_is_written():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    assert _step_skipped_behind_a_sleep(torch.device("cuda")) == (0.0, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_found_inf_on_another_device_than_the_current_one():
+    """Parameters and found_inf on cuda:1 while cuda:0 is current: the flag's copy to the host
+    runs on cuda:1's stream, and the event that the step count waits for must be recorded there."""
+    torch.cuda.set_device(0)
+    assert _step_skipped_behind_a_sleep(torch.device("cuda", 1)) == (0.0, False)
+    assert torch.cuda.current_device() == 0

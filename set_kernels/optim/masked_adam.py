@@ -133,11 +133,14 @@ class MaskedAdam(torch.optim.Optimizer):
                 )
         if found_inf is not None and stepped:
             # Device-side skip: copy the flag back without waiting; settled at the next step().
+            # The copy is queued on the current stream of found_inf's own device, so the event
+            # that says it is done must be recorded there (not on the current device's stream,
+            # which is another GPU's when found_inf lives on, say, cuda:1 while cuda:0 is current).
             flag = found_inf.detach().reshape(()).to("cpu", torch.float32, non_blocking=True)
             event = None
             if found_inf.is_cuda:
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(found_inf.device))
             self._pending_skips.append((flag, event, stepped))
         return loss
 

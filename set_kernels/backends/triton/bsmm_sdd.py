@@ -9,8 +9,14 @@ Then the tokens are cut into ``splits`` contiguous ranges (grid axis 1); each (b
 program writes its fp32 partial sum to a workspace ``(splits, nnz, b, b)`` and a second kernel
 adds the partials of each block in split order and casts. No atomics: the result is
 bit-for-bit reproducible, run to run. Rule (:func:`choose_splits`): split only when
-``nnz < number of SMs`` and ``M >= 2 * SPLIT_MIN_TOKENS``; then use enough splits for about two
-programs per SM, each reducing at least ``SPLIT_MIN_TOKENS`` tokens, at most ``MAX_SPLITS``.
+``nnz < sms`` and ``M >= 2 * SPLIT_MIN_TOKENS``; then use enough splits for about two programs
+per SM, each reducing at least ``SPLIT_MIN_TOKENS`` tokens, at most ``MAX_SPLITS``.
+
+The split count changes the order of the sum, hence the bits of the result. So :func:`bsmm_sdd`
+applies the rule with a fixed ``sms = SPLIT_SMS`` (132, an H100/H200), not the device's own
+count: the split depends on the shape only, as in the cuda backend, and the same shape splits
+the same way on every GPU (an A100 with 108 SMs just gets a few more programs than it has
+slots). Bits can still differ between GPU models for other reasons (see docs/how-it-works.md).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from . import _common
 # Split-K rule parameters (see the module docstring); module attributes so tests can lower them.
 SPLIT_MIN_TOKENS = 1024
 MAX_SPLITS = 64
+SPLIT_SMS = 132  # the SM count the split rule assumes on every GPU (shape-only splits)
 
 CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -121,7 +128,7 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *
     if M == 0:
         return dv.zero_()
     if splits is None:
-        splits = choose_splits(nnz, M, _common.num_sms(dy.device))
+        splits = choose_splits(nnz, M, SPLIT_SMS)
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits: expected an int >= 1 or None, got {splits!r}")
     per_split = triton.cdiv(triton.cdiv(M, splits), 16) * 16

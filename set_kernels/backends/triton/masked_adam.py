@@ -8,9 +8,19 @@ Program ``pid`` finds its tensor by a binary search over ``chunk_start`` and upd
 of it, so tensors of very different sizes share one grid with no idle programs. The addresses
 are cast to typed pointers inside the kernel (the element types are compile-time constants of
 the group). This works compiled and under the interpreter (whose CPU tensors' addresses are the
-host addresses it reads). The tables are cached by the tuple of addresses and sizes, so an
-optimizer stepping the same tensors uploads them once; a new table goes up from pinned memory
-with a non-blocking copy.
+host addresses it reads).
+
+**Table uploads, streams and CUDA graphs** (:func:`_tables_for`). A table goes up from pinned
+memory with a non-blocking copy on the current stream, the stream the kernel then runs on, so
+the copy is ordered before every launch that reads it. Tables are cached by the tuple of
+addresses and sizes *and the stream*: an optimizer stepping the same tensors on one stream
+uploads once, and a table is never read from a stream its upload is not ordered with (one
+uploaded behind a busy side stream is not reused on another). During CUDA-graph capture the
+table is always built afresh: its upload is captured into the graph (replayed before the kernel
+at every replay) and the table and its pinned source are kept for the life of the process,
+never evicted, since the graph may be replayed at any time. Reusing a cached table there would
+be wrong twice: the cache may later free it under the graph, and a table whose upload was
+captured into another graph holds nothing until that graph runs.
 
 **Memory access.** A chunk that lies wholly inside its tensor (all but the last of each tensor)
 is processed with unmasked loads and stores; with every address of the group 16-byte aligned
@@ -45,7 +55,8 @@ CHUNK = BLOCK * ITERS  # elements per program
 NUM_WARPS = 4
 TABLE_CACHE_SIZE = 16  # groups of tensors whose tables are kept on the device
 
-_tables: OrderedDict = OrderedDict()
+_tables: OrderedDict = OrderedDict()  # eager tables, LRU, keyed by (device, stream, group)
+_graph_tables: list = []  # tables captured into CUDA graphs, with their pinned sources: never freed
 
 
 @triton.jit
@@ -154,9 +165,20 @@ def _device_scalar(name, t, device):
     return t.detach().reshape(1).to(torch.float32)
 
 
+def _stream_id(device: torch.device) -> int:
+    """The current stream of ``device`` (0 for CPU tensors, which the interpreter runs in order)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _tables_for(key, rows, device):
-    """Device tables (addrs, numels, chunk_start) for one group, cached by ``key``."""
-    hit = _tables.get(key)
+    """Device tables ``(addrs, numels, chunk_start, n_chunks)`` for one group of ``rows``.
+
+    Uploaded on, and cached for, the current stream of ``device``; built afresh (and kept
+    forever) while that stream is capturing a CUDA graph. See the module docstring.
+    """
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (_stream_id(device),) + tuple(key)
+    hit = None if capturing else _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
@@ -168,19 +190,22 @@ def _tables_for(key, rows, device):
     host = torch.cat([host, torch.tensor(numels, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)])
     if device.type == "cuda":
         host = host.pin_memory()
-        dev = host.to(device, non_blocking=True)
+        dev = host.to(device, non_blocking=True)  # ordered on the current stream (captured if capturing)
     else:
         dev = host
     n = len(rows)
     entry = (dev[:5 * n], dev[5 * n:6 * n], dev[6 * n:], starts[-1])
+    if capturing:
+        _graph_tables.append((host, dev))
+        return entry
     _tables[key] = entry
     while len(_tables) > TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
+        _tables.popitem(last=False)  # freed in stream order: only this key's stream used it
     return entry
 
 
 def clear_table_cache() -> None:
-    """Drop the cached pointer tables."""
+    """Drop the cached pointer tables (not those captured into CUDA graphs, which may be replayed)."""
     _tables.clear()
 
 
