@@ -62,6 +62,12 @@ def _train(args) -> int:
     return train.main(args)
 
 
+def _selftest(args) -> int:
+    from . import selftest
+
+    return selftest.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="set-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +100,14 @@ def main(argv=None) -> int:
 
     _train_arguments(train)
     train.set_defaults(fn=_train)
+    selftest = sub.add_parser("selftest", help="check every available backend here against a float64 reference",
+                              description="Runs every op of every available backend on this machine (each dtype "
+                                          "and block size it supports) against a float64 reference, prints a "
+                                          "table and exits non-zero on any failure.")
+    from .selftest import add_arguments as _selftest_arguments
+
+    _selftest_arguments(selftest)
+    selftest.set_defaults(fn=_selftest)
     args = parser.parse_args(argv)
     args.argv = argv
     return args.fn(args)
