@@ -2,7 +2,7 @@
 
 A :class:`Group` holds the callables that are timed together (interleaved on CPU), what kind of
 implementation each is (a set_kernels ``backend``, the ``dense`` torch baseline, or the
-``torch_bsr`` baseline), the work each does (FLOPs on live blocks, minimum bytes moved), and the
+``torch_bsr`` baseline: torch's BSR matmul, or its CSR matmul at block size 1), the work each does (FLOPs on live blocks, minimum bytes moved), and the
 implementations that could not run, with the reason.
 
 Work counted (so that TFLOP/s and GB/s mean the same thing for every implementation):
@@ -57,7 +57,7 @@ class Group:
     postprocess: object = None  # optional callable: {impl: Stats} -> {impl: Stats}, after timing
 
 
-def select_backends(requested, passes, device: torch.device, dtype: torch.dtype):
+def select_backends(requested, passes, device: torch.device, dtype: torch.dtype, *, block: int | None = None):
     """``(names, skipped)``: backends that can run every kernel of ``passes`` here, and why not the others.
 
     ``requested=None`` means every backend in :data:`set_kernels.backends.BACKENDS` except the
@@ -75,7 +75,8 @@ def select_backends(requested, passes, device: torch.device, dtype: torch.dtype)
             continue
         reasons = []
         for k in kernels:
-            reasons += [r for r in _backends.unsupported_reasons(name, k, device, dtype) if r not in reasons]
+            size = block if k.startswith("bsmm") else None
+            reasons += [r for r in _backends.unsupported_reasons(name, k, device, dtype, size) if r not in reasons]
         if reasons:
             skipped.append((name, "; ".join(reasons)))
         else:
@@ -112,9 +113,10 @@ def _randn(shape, device, dtype, seed: int, scale: float = 1.0, positive: bool =
 
 
 def _bsr(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """torch's own compressed sparse weight: BSR with ``block x block`` blocks, CSR at block 1."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse BSR support is in beta"
-        return weight.to_sparse_bsr((block, block))
+        return weight.to_sparse_csr() if block == 1 else weight.to_sparse_bsr((block, block))
 
 
 def linear_groups(tokens: int, features: int, dtype: torch.dtype, block: int, density: float, device,
