@@ -24,6 +24,10 @@ def _bench(args) -> int:
         print(f"set-kernels bench: {msg}", file=sys.stderr)
         return 2
 
+    try:  # the plot needs the [bench] extra: say so now, not after the whole run
+        bench.report.require_plotting()
+    except ImportError as exc:
+        return fail(str(exc))
     requested = list(args.backends or [])
     if args.backend not in (None, "auto"):
         requested.append(args.backend)

@@ -10,7 +10,7 @@ import torch
 import set_kernels
 from set_kernels import bench, cli
 from set_kernels.bench import cases, report, timing
-from set_kernels.bench.run import records_of
+from set_kernels.bench.run import records_of, traffic
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,60 @@ def test_derived_figures():
     assert math.isclose(recs["numba"]["gbps"], 1000 / 2e-3 / 1e9) and math.isclose(recs["numba"]["copy_share"], 0.5)
     assert recs["numba"]["copy_gbps"] == 1e-3 and recs["numba"]["flops"] is None
     assert recs["numba"]["tflops"] is None and recs["numba"]["backend"] == "numba" and recs["dense"]["backend"] is None
+
+
+def test_copy_ceiling_is_like_for_like():
+    """The reference streams over buffers of the op's size, reads them all and writes back what the
+    op writes (in place: no write-allocate reads), is credited with exactly that, at its fastest run."""
+    n = 1 << 16
+    c = timing.copy_ceiling(torch.device("cpu"), 17 * n, 12 * n)  # masked Adam fp32: 17 bytes read, 12 written
+    assert (c.footprint, c.written, c.moved) == (17 * n, 12 * n, 29 * n)
+    st = timing.Stats(median_ms=2.0, q20_ms=1.5, q80_ms=3.0, min_ms=1.0, max_ms=4.0, repeats=5)
+    assert math.isclose(c.gbps(st), c.moved / 1e-3 / 1e9)
+    rec = c.record(st)
+    assert rec["bytes"] == 29 * n and rec["footprint_bytes"] == 17 * n and rec["written_bytes"] == 12 * n
+    # What fn does: a += b over 5n bytes each, c = -c over 7n bytes, nothing else.
+    cells = {name: cell.cell_contents for name, cell in zip(c.fn.__code__.co_freevars, c.fn.__closure__)}
+    a, b, cc = cells["a"], cells["b"], cells["c"]
+    assert 4 * a.numel() == 4 * b.numel() == 5 * n and 4 * cc.numel() == 7 * n
+    before_a, before_c = a.clone(), cc.clone()
+    c.fn()
+    assert torch.equal(a, before_a + b) and torch.equal(cc, -before_c)
+    assert timing.copy_ceiling(torch.device("cpu"), 1 << 20).written == 1 << 19  # default: half written
+    with pytest.raises(ValueError, match="written"):
+        timing.copy_ceiling(torch.device("cpu"), 100, 20)
+
+
+def test_adam_traffic():
+    group = cases.Group(op="masked_adam_", pass_="step", shape={"rows": 4, "cols": 8}, dtype="float32", block=16,
+                        density=0.25, nbytes={"numba": 1})
+    assert traffic(group) == (32 * (1 + 4 * 4), 32 * 3 * 4)  # reads mask, p, g, m, v; writes p, m, v
+    group.dtype = "bfloat16"
+    assert traffic(group) == (32 * (1 + 2 * 2 + 2 * 4), 32 * (2 + 2 * 4))  # fp32 moments
+    group.nbytes = {}
+    assert traffic(group) is None
+
+
+def test_adam_rows_never_exceed_the_copy_ceiling(monkeypatch):
+    sizes = []
+    real = timing.copy_ceiling
+
+    def spy(device, footprint, written=None):
+        sizes.append((footprint, written))
+        return real(device, footprint, written)
+
+    monkeypatch.setattr(timing, "copy_ceiling", spy)
+    g = bench.default_grid("cpu", "tiny")
+    doc = bench.run("cpu", g, ("masked_adam_",), mode="tiny", progress=False)
+    assert report.validate(doc) == []
+    (rows, cols, _), = g.adam
+    # The start-of-run ceiling, then one reference per Adam group, moving the op's bytes.
+    assert sizes == [(g.copy_bytes, None)] + [(rows * cols * 17, rows * cols * 12)] * len(g.adam_densities)
+    assert doc["ceilings"]["copy"]["footprint_bytes"] == g.copy_bytes
+    recs = [r for r in doc["records"] if r["op"] == "masked_adam_"]
+    # The op is never credited with more bytes than its reference moves (equal at density 1).
+    assert all(r["bytes"] <= rows * cols * 29 for r in recs)
+    assert recs and all(0 < r["copy_share"] <= 1 for r in recs), [(r["impl"], r["copy_share"]) for r in recs]
 
 
 def test_summarize_matches_torch_quantiles():

@@ -1,6 +1,8 @@
 """SparseLinear, MaskedLinear, sparsify and layer_densities."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -254,6 +256,139 @@ def test_sparsified_model_trains_with_masked_adam(cpu_backend):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_sparsify_reports_and_logs_what_it_converted(caplog):
+    model = torch.nn.Sequential()
+    model.add_module("encoder", mlp([64, 64, 64]))
+    model.add_module("head", torch.nn.Linear(64, 10))
+    with caplog.at_level("INFO", logger="set_kernels.nn.sparsify"):
+        out, report = sk.sparsify(model, density=0.3, block_size=16, distribution="erk", exclude=["head"],
+                                  return_report=True)
+    assert out is model
+    assert [c.name for c in report.converted] == ["encoder.0", "encoder.2"]
+    assert [(s.name, s.reason) for s in report.skipped] == [("head", "excluded")]
+    for c in report.converted:
+        layer = model.get_submodule(c.name)
+        assert c.kind == "SparseLinear" and c.shape == (64, 64) and c.aliases == ()
+        assert c.live == int(layer.layout.element_mask().sum())
+        assert c.density == pytest.approx(c.live / 64 ** 2) and c.density == pytest.approx(layer.layout.density)
+    assert report.density == pytest.approx(sum(c.live for c in report.converted) / (2 * 64 ** 2))
+    text = caplog.text
+    assert "encoder.0" in text and "encoder.2" in text and "SparseLinear" in text and f"{report.density:.4f}" in text
+    assert "head" in str(report) and "excluded" in str(report)
+    # Without return_report the model alone comes back (the documented signature).
+    assert sk.sparsify(mlp([32, 32]), density=0.5, block_size=None) is not None
+
+
+def test_sparsify_exclude_names_a_subtree():
+    model = torch.nn.Sequential()
+    model.add_module("encoder", mlp([64, 64, 64]))
+    model.add_module("head", torch.nn.Linear(64, 10))
+    sk.sparsify(model, density=0.5, block_size=16, distribution="uniform", exclude=["encoder"])
+    assert type(model.encoder[0]) is torch.nn.Linear and type(model.encoder[2]) is torch.nn.Linear
+    assert type(model.head) is SparseLinear
+
+
+class LoRALinear(torch.nn.Linear):
+    """A subclass whose forward is not F.linear(x, weight, bias)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out)
+        self.lora = torch.nn.Parameter(torch.zeros(n_out, n_in))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight + self.lora, self.bias)
+
+
+def test_sparsify_keeps_linear_subclasses_and_says_so():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(32, 4), "lora": LoRALinear(32, 32),
+                                 "ff": torch.nn.Linear(32, 32)})
+    with pytest.warns(UserWarning, match=r"attn\.out_proj .*NonDynamicallyQuantizableLinear.*lora \(LoRALinear\)"):
+        _, report = sk.sparsify(model, density=0.5, block_size=16, return_report=True)
+    assert type(model["lora"]) is LoRALinear and type(model["attn"].out_proj) is not SparseLinear
+    assert [c.name for c in report.converted] == ["ff"]
+    assert {s.name: s.reason for s in report.skipped} == {"attn.out_proj": "subclass", "lora": "subclass"}
+    x = randn(5, 2, 32, seed=1)
+    model["attn"](x, x, x)  # the attention still works: it reads out_proj.weight directly
+    # Named in exclude: kept silently.
+    model = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(32, 4), "ff": torch.nn.Linear(32, 32)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.sparsify(model, density=0.5, block_size=16, exclude=["attn"])
+    assert type(model["ff"]) is SparseLinear
+
+
+def test_sparsify_keeps_parametrized_and_hooked_layers():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    parametrize.register_parametrization(model[0], "weight", Double())
+    model[1].register_forward_hook(lambda mod, inp, out: out)
+    with pytest.warns(UserWarning, match=r"0 .*parametrized.*; 1 .*forward hooks"):
+        _, report = sk.sparsify(model, density=0.5, block_size=16, return_report=True)
+    assert {s.name: s.reason for s in report.skipped} == {"0": "subclass", "1": "hooks"}
+    assert parametrize.is_parametrized(model[0]) and type(model[1]) is torch.nn.Linear
+    assert type(model[2]) is SparseLinear
+
+
+class TiedLM(torch.nn.Module):
+    def __init__(self, vocab=50, dim=32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.body = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied, as in most language models
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.body(self.embed(tokens))))
+
+
+def test_sparsify_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    model = TiedLM()
+    with pytest.warns(UserWarning, match=r"head \(Linear\): its weight is shared with another module"):
+        _, report = sk.sparsify(model, density=0.5, block_size=16, return_report=True)
+    assert type(model.head) is torch.nn.Linear and model.head.weight is model.embed.weight
+    assert type(model.body) is SparseLinear
+    assert [(s.name, s.reason) for s in report.skipped] == [("head", "tied")]
+    model(torch.tensor([[1, 2, 3]]))
+    # Two linears sharing one weight Parameter: both kept (converting either would untie them).
+    a, b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+    b.weight = a.weight
+    model = torch.nn.Sequential(a, torch.nn.ReLU(), b, torch.nn.Linear(32, 32))
+    with pytest.warns(UserWarning, match="shared"):
+        _, report = sk.sparsify(model, density=0.5, block_size=16, return_report=True)
+    assert model[0].weight is model[2].weight and type(model[3]) is SparseLinear
+    assert sorted(s.name for s in report.skipped) == ["0", "2"]
+
+
+@pytest.mark.parametrize("block_size", [16, None], ids=["sparse", "masked"])
+def test_sparsify_converts_a_shared_module_once_and_keeps_it_shared(block_size):
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(32, 32)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, torch.nn.Linear(32, 32))
+    _, report = sk.sparsify(model, density=0.5, block_size=block_size, distribution="uniform", return_report=True)
+    assert model[0] is model[2] and type(model[0]) is (SparseLinear if block_size else MaskedLinear)
+    assert [(c.name, c.aliases) for c in report.converted] == [("0", ("2",)), ("3", ())]
+    # Counted once toward the total: two 32 x 32 weights, not three.
+    assert report.size == 2 * 32 * 32
+    assert sum(isinstance(p, torch.nn.Parameter) for p in model.parameters()) == 4  # no duplicate parameters
+
+
+def test_sparsify_keeps_requires_grad_and_mode():
+    model = mlp([32, 32, 32]).eval()
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    sk.sparsify(model, density=0.5, block_size=16)
+    assert not model[0].values.requires_grad and not model[0].bias.requires_grad
+    assert model[2].values.requires_grad and model[2].bias.requires_grad
+    assert not model[0].training and not model[2].training
 
 
 # ---------------------------------------------------------------------------- layer_densities

@@ -13,7 +13,8 @@ JSON document (``<stem>.json``; ``schema`` = 1)::
         "timing": str,  "started_at": ISO-8601 UTC str,  "wall_s": float,  "grid": {...},
         "loadavg": float | null,  "loadavg_end": float | null   (1-minute load at start and end)
       },
-      "ceilings": {"copy": {"bytes": int, "gbps": float, "median_ms": float, ...}},
+      "ceilings": {"copy": {"bytes": int, "footprint_bytes": int, "written_bytes": int, "gbps": float,
+                            "method": str, "median_ms": float, "min_ms": float, ...}},
       "records": [record, ...],
       "skipped": [{"op": str, "pass": str, "impl": str, "reason": str, "case": str}, ...]
     }
@@ -33,8 +34,7 @@ Every record (one implementation timed in one comparison group)::
     median_ms, q20_ms, q80_ms, min_ms, max_ms    time of one call (ms); repeats: number of timed calls
     flops, tflops            FLOPs of one call on live blocks (dense: the whole matrix) and FLOP/s / 1e12
     bytes, gbps              minimum bytes of one call, and bytes / median time / 1e9
-    copy_gbps, copy_share    the copy ceiling timed interleaved with this group (CPU; GPU: in the same
-                             run), and gbps / copy_gbps
+    copy_gbps, copy_share    the copy ceiling of this group, and gbps / copy_gbps (see below)
     dense_ms     median of the dense baseline in the same group (null when it failed)
     speedup      dense_ms / median_ms
     E            density * dense_ms / median_ms (null for dense): 1.0 = time scales exactly with density
@@ -42,6 +42,19 @@ Every record (one implementation timed in one comparison group)::
     evolution_ms / interval, the SET update amortised over its interval; quantiles likewise shifted)
 
 Absent quantities (no FLOP count for Adam, no bytes for matmuls) are null.
+
+**Copy ceiling** (``ceilings.copy``, and ``copy_gbps`` of every memory-bound record): plain
+torch streams that move what the op moves, with no arithmetic: over fp32 buffers as large as the
+op's (``footprint_bytes``; masked Adam: mask, param, grad and both moments, whatever the
+density), every byte read once and ``written_bytes`` written back in place (masked Adam: param
+and both moments), as ``a += b`` and ``c = -c``. It is credited with those bytes, read +
+written (``bytes``), which are all it moves: each store goes to a line just read, so there is no
+uncounted write-allocate read (``dst.copy_(src)`` on a CPU has one, 1.5x the bytes credited,
+which once let masked Adam show 159 % of the copy "ceiling"). It is timed the way the op is and
+alongside it (CPU: interleaved in its group; GPU: ``do_bench`` with L2 flushed before each run).
+``gbps`` is taken at its fastest run and the op's at its median, so ``copy_share`` can exceed 1
+only where the op really moves the same bytes faster. ``ceilings.copy`` is the same reference
+measured once at the start on ``grid.copy_bytes`` of buffers, half of them written.
 """
 from __future__ import annotations
 
@@ -205,8 +218,11 @@ def format_markdown(doc: dict, *, image: str | None = None) -> str:
            f"- torch {v['torch']}, triton {v['triton']}, numba {v['numba']}, numpy {v['numpy']}, "
            f"python {v['python']}",
            f"- timing: {m['timing']}",
-           f"- copy bandwidth ceiling: {copy['gbps']:.1f} GB/s at the start (`copy_` of {copy['bytes'] / 2**21:.0f} "
-           "MiB, read + write); memory-bound groups time it again alongside (\"copy GB/s\")",
+           f"- copy ceiling: {copy['gbps']:.1f} GB/s at the start (in-place `a += b` over "
+           f"{copy.get('footprint_bytes', copy['bytes']) / 2**20:.0f} MiB, bytes read + written, fastest run); "
+           "each memory-bound group times it again alongside (\"copy GB/s\"), on buffers as large as the op's and "
+           "moving the bytes it moves at density 1 (Adam: mask, p, g, m, v read; p, m, v written); \"% of copy\" "
+           "= the op's GB/s at its median over that",
            "- E = density × T_dense / T_sparse (1.0: time scales exactly with density); speedup = "
            "T_dense / T_sparse; TFLOP/s counts live blocks only; vs BSR = T(torch BSR matmul) / T_sparse"]
     if image:
@@ -232,6 +248,26 @@ def format_markdown(doc: dict, *, image: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------ plot
+PLOT_EXTRA = "bench"  # the extra of pyproject.toml that brings matplotlib
+
+
+class MissingExtraError(ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+
+def require_plotting() -> None:
+    """Raise :class:`MissingExtraError` unless matplotlib can be imported (it draws ``<mode>.png``).
+
+    ``set-kernels bench`` calls this before it times anything, so that a missing extra costs
+    nothing but the message."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"the benchmark plot needs matplotlib, which cannot be imported ({exc}); install the "
+            f"'{PLOT_EXTRA}' extra: pip install 'set-kernels[{PLOT_EXTRA}]'") from exc
+
+
 def _panels(records):
     """``{panel title: {line label: [(density, speedup)]}}``; lines per (impl, block)."""
     panels = {}
@@ -252,6 +288,7 @@ def _panels(records):
 
 def plot(doc: dict, path: str) -> None:
     """Speedup over dense against density, one line per (implementation, block size), ideal 1/density."""
+    require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +334,10 @@ def plot(doc: dict, path: str) -> None:
 
 
 def write_all(doc: dict, out_dir: str, stem: str) -> dict:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; returns their paths."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; returns their paths.
+
+    Raises :class:`MissingExtraError` before writing anything when matplotlib is missing."""
+    require_plotting()
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")}
     write_json(doc, paths["json"])

@@ -120,10 +120,28 @@ def plan(grid: Grid, ops, device: torch.device, requested_backends):
 _COPY = "__copy_ceiling__"
 
 
+def traffic(group: cases.Group) -> tuple[int, int] | None:
+    """``(footprint, written)`` of a memory-bound group's op: the bytes of its buffers (each read
+    once) and the bytes it writes back, at full density; what its copy reference moves.
+
+    masked Adam reads the bool mask, param and grad (param dtype), exp_avg and exp_avg_sq (fp32
+    for 16-bit params, else the param dtype), and writes param, exp_avg and exp_avg_sq. None for
+    the compute-bound ops (no copy reference)."""
+    if not group.nbytes:
+        return None
+    if group.op == "masked_adam_":
+        p = DTYPES[group.dtype].itemsize
+        s = 4 if p < 4 else p
+        n = group.shape["rows"] * group.shape["cols"]
+        return n * (1 + 2 * p + 2 * s), n * (p + 2 * s)
+    raise ValueError(f"traffic: no byte counts known for the memory-bound op {group.op!r}")
+
+
 def records_of(group: cases.Group, stats: dict, copy_gbps: float) -> list[dict]:
     """One record per timed implementation of ``group`` (fields documented in :mod:`.report`).
 
-    ``copy_gbps``: the copy ceiling the group's GB/s are compared with (timed along with it)."""
+    ``copy_gbps``: the copy ceiling the group's GB/s are compared with (timed along with it, on
+    buffers as large as the op's, moving its bytes: :func:`traffic`, :class:`.timing.CopyCeiling`)."""
     dense = stats.get("dense")
     dense_ms = dense.median_ms if dense is not None else None
     out = []
@@ -165,11 +183,8 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
     items = plan(grid, ops, device, backends)
     bar = tqdm(total=len(items) + 1, file=sys.stderr, disable=not progress, desc="bench", dynamic_ncols=True)
     bar.set_postfix_str("copy bandwidth")
-    copy_fn, copy_moved = timing.copy_kernel(device, grid.copy_bytes)
-    copy_stats = timing.time_group({"copy": copy_fn}, device, repeats=max(3, grid.repeats), warmup=2,
-                                   rep_ms=grid.rep_ms)["copy"]
-    doc["ceilings"]["copy"] = {"bytes": copy_moved, "gbps": copy_moved / (copy_stats.median_ms * 1e-3) / 1e9,
-                               **copy_stats.as_dict()}
+    doc["ceilings"]["copy"] = timing.copy_bandwidth(device, footprint=grid.copy_bytes, repeats=max(3, grid.repeats),
+                                                    rep_ms=grid.rep_ms)
     bar.update()
     copy_gbps = doc["ceilings"]["copy"]["gbps"]
     for label, build in items:
@@ -188,8 +203,10 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
             if not g.fns:
                 continue
             fns = dict(g.fns)
-            if g.nbytes:  # memory-bound: time the copy ceiling with it, so that drift hits both alike
-                fns[_COPY] = copy_fn
+            ceiling = None
+            if g.nbytes:  # memory-bound: time a copy reference of its size with it (CopyCeiling)
+                ceiling = timing.copy_ceiling(device, *traffic(g))
+                fns[_COPY] = ceiling.fn
             try:
                 stats = timing.time_group(fns, device, repeats=grid.repeats, warmup=grid.warmup,
                                           rep_ms=grid.rep_ms)
@@ -201,7 +218,8 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
             group_copy = stats.pop(_COPY, None)
             if g.postprocess is not None:
                 stats = g.postprocess(stats)
-            gbps = copy_moved / (group_copy.median_ms * 1e-3) / 1e9 if group_copy else copy_gbps
+            gbps = ceiling.gbps(group_copy) if group_copy else copy_gbps
+            del ceiling, fns  # free the reference's buffers before the next group
             doc["records"] += records_of(g, stats, gbps)
         del groups
         bar.update()

@@ -7,6 +7,15 @@ the dtype of the hyper-parameter array ``hp`` (fp32 for fp32 params, fp64 for fp
 Masked entries come out as exactly 0. Runs of entries that are all masked (most of a block-sparse
 weight) skip the arithmetic and are written only where not 0 already: after the first step the
 pruned part of p, m and v is all zeros, so those cache lines are read but never dirtied.
+
+**Non-finite values.** The kernels are compiled with :data:`FASTMATH`, LLVM's fast-math flags
+*without* ``nnan`` and ``ninf``: gradients, weights or moments may hold NaN or Inf (a diverging
+run, an fp16 overflow, an AMP step about to be skipped), and the kernel must then behave as
+IEEE arithmetic does, as ``torch.optim.Adam`` does: NaN and Inf propagate through the update of
+live entries, ``sqrt(inf) = inf`` and ``m / inf = 0``, and the tests ``x != 0`` and the selects
+that zero the masked entries see NaN as NaN. (With ``nnan``/``ninf`` LLVM may fold those tests
+and, on x86, replace the division and square root by reciprocal estimates that turn Inf into
+NaN.) Reassociation and contraction stay on: they are what vectorises the loops.
 """
 from __future__ import annotations
 
@@ -23,8 +32,12 @@ HP_BETA1, HP_1M_BETA1, HP_BETA2, HP_1M_BETA2, HP_STEP_SIZE, HP_BC2_SQRT, HP_EPS,
     HP_GRAD_SCALE = range(10)
 HP_SIZE = 10
 
+# fastmath=True minus "nnan" and "ninf" (see the module docstring), and minus "afn": approximate
+# sqrt/division are not wanted where Inf must stay Inf.
+FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
 
-@njit(inline="always", fastmath=True)
+
+@njit(inline="always", fastmath=set(FASTMATH))
 def _update(p0, g0, m0, v0, omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_factor, g_wd, scale, coupled_wd,
             has_scale):
     """One element of the Adam step: (new p, new m, new v)."""
@@ -40,7 +53,7 @@ def _update(p0, g0, m0, v0, omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_facto
     return pi - step_size * (mi / denom), mi, vi
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=set(FASTMATH), cache=True)
 def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale, run):
     """In-place Adam step on the flat arrays p, g, m, v; mask (uint8, flat) used when has_mask.
 
