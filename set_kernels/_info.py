@@ -49,10 +49,7 @@ def _extension_line() -> str:
         ext = importlib.import_module("set_kernels._C")
     except Exception as exc:  # ImportError, or OSError from a broken binary
         return f"_C: not built ({type(exc).__name__}: {exc}); pure-Python install (reinstall with nvcc on PATH)"
-    try:
-        archs = ", ".join(ext.compiled_archs()) or "no GPU architecture"
-    except Exception as exc:  # an older _C without the query
-        archs = f"unknown architectures ({type(exc).__name__})"
+    archs = ", ".join(ext.compiled_archs()) or "no GPU architecture"
     return f"_C: built for {archs} ({getattr(ext, '__file__', '?')})"
 
 

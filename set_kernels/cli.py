@@ -29,11 +29,9 @@ def _bench(args) -> int:
     except ImportError as exc:
         return fail(str(exc))
     requested = list(args.backends or [])
-    if args.backend not in (None, "auto"):
-        requested.append(args.backend)
     for name in requested:
         if name not in BACKENDS:
-            return fail(f"--backends/--backend must be names from {BACKENDS} (or --backend auto), got {name!r}")
+            return fail(f"--backends must be names from {BACKENDS}, got {name!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda: no CUDA device (torch.cuda.is_available() is False)")
@@ -88,7 +86,6 @@ def main(argv=None) -> int:
     bench.add_argument("--backends", nargs="+", default=None, metavar="NAME",
                        help="backends to time (default: every available one but the plain-torch reference; "
                             "triton only on GPU unless named)")
-    bench.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # older single-backend flag
     bench.add_argument("--features", type=int, default=None, help="override: in = out features of the linear grid")
     bench.add_argument("--tokens", type=int, default=None, help="override: rows of x in the linear grid")
     bench.add_argument("--block-sizes", "--block-size", dest="block_sizes", type=int, nargs="+", default=None,

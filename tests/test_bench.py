@@ -7,7 +7,6 @@ import statistics
 import pytest
 import torch
 
-import set_kernels
 from set_kernels import bench, cli
 from set_kernels.bench import cases, report, timing
 from set_kernels.bench.run import records_of, traffic
@@ -182,7 +181,6 @@ def test_slug():
     assert bench.slug("AMD EPYC") == "amd-epyc"
 
 
-@pytest.mark.skipif(not hasattr(set_kernels, "SET"), reason="set_kernels.SET (the evolution issue) is not here")
 def test_bench_adam_and_set_mlp_step(tmp_path):
     g = bench.default_grid("cpu", "tiny")
     doc = bench.run("cpu", g, ("masked_adam_", "set_mlp_step"), mode="tiny", progress=False)

@@ -27,7 +27,6 @@ def test_info_says_why_a_backend_is_unavailable(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--backend", "nope"], "--backend"),
     (["--backends", "numba", "nope"], "--backends"),
     (["--ops", "conv2d"], "ops"),
     (["--dtypes", "int8"], "dtypes"),

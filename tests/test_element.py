@@ -121,8 +121,7 @@ def test_masked_adam_on_element_values_matches_torch_adam():
 # ------------------------------------------------------------------------------- dispatch
 def test_cuda_backend_refuses_block_size_1_with_reason_and_auto_picks_triton(monkeypatch):
     mod = backends.load("cuda")
-    if mod is None:
-        pytest.skip("the cuda backend module is not part of this build")
+    assert mod is not None, "the cuda backend module imports without _C and without a GPU"
     cuda = torch.device("cuda")
     for name in ("cuda", "triton"):
         monkeypatch.setattr(backends.load(name), "availability", lambda: (True, ""))
