@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     bench.add_argument("--features", type=int, default=None, help="override: in = out features of the linear grid")
     bench.add_argument("--tokens", type=int, default=None, help="override: rows of x in the linear grid")
     bench.add_argument("--block-sizes", "--block-size", dest="block_sizes", type=int, nargs="+", default=None,
-                       choices=(16, 32, 64, 128), help="override: block sizes")
+                       choices=(1, 16, 32, 64, 128), help="override: block sizes (1: element sparsity)")
     bench.add_argument("--densities", type=float, nargs="+", default=None, help="override: densities")
     bench.add_argument("--dtypes", nargs="+", default=None, help="override: dtypes (float32, bfloat16, ...)")
     bench.add_argument("--repeats", type=int, default=None, help="override: CPU repeats per case")

@@ -78,7 +78,10 @@ class BlockSparseLayout:
         n_blocks = n_rows * n_cols
         nnz = round(density * n_blocks)
         gen_device = generator.device if generator is not None else device
-        if block_size == 1 or n_blocks > DENSE_DRAW_LIMIT:
+        if gen_device.type == "meta":
+            # Shapes only (a meta layout holds no indices); the count is exact all the same.
+            chosen = torch.empty(nnz, dtype=torch.int64, device=device)
+        elif block_size == 1 or n_blocks > DENSE_DRAW_LIMIT:
             # O(nnz): never a tensor of the grid's size (an element grid may have 10**11 cells).
             chosen = sample_positions(n_blocks, nnz, generator=generator, device=gen_device).to(device)
         else:

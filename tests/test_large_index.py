@@ -158,7 +158,7 @@ def _numba_signatures():
 
     from set_kernels.backends import numba as nb
 
-    bsmm, adam, _ = nb._load()
+    bsmm, adam, _, spmm = nb._load()
     arr = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
     f32, i64, boolean = types.float32, types.int64, types.boolean
     idx = arr(types.int32, 1)
@@ -169,10 +169,16 @@ def _numba_signatures():
                           arr(f32, 2), i64, i64, i64, i64, i64, i64)),
         (bsmm._sdd_core, (arr(f32, 3), arr(f32, 3), idx, idx, arr(f32, 3), i64, i64, i64, i64)),
         (adam.adam_step, (arr(f32, 1),) * 4 + (arr(types.uint8, 1), boolean, arr(f32, 1), boolean, boolean, i64)),
+        # element sparsity (block size 1)
+        (spmm.transpose, (arr(f32, 2), arr(f32, 2))),
+        (spmm._spmm_t, (arr(f32, 2), arr(f32, 1), idx, idx, idx, boolean, arr(f32, 1), boolean, arr(f32, 2), i64,
+                        i64)),
+        (spmm._sddmm_t, (arr(f32, 2), arr(f32, 2), idx, idx, arr(f32, 1), i64)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5), ids=["to_blocks", "to_blocks_t", "dsd_core", "sdd_core", "adam"])
+@pytest.mark.parametrize("case", range(8), ids=["to_blocks", "to_blocks_t", "dsd_core", "sdd_core", "adam",
+                                                "transpose", "spmm_t", "sddmm_t"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]
     narrow = _narrow_integer_values(fn.py_func, sig)

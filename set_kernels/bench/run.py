@@ -84,9 +84,9 @@ def plan(grid: Grid, ops, device: torch.device, requested_backends):
     if "block_sparse_linear" in ops:
         for tokens, features, dname in grid.linear:
             dt = DTYPES[dname]
-            chosen = {p: cases.select_backends(requested_backends, [p], device, dt)
-                      for p in ("forward", "forward_backward")}
             for block in grid.blocks:
+                chosen = {p: cases.select_backends(requested_backends, [p], device, dt, block=block)
+                          for p in ("forward", "forward_backward")}
                 for density in grid.densities:
                     def build(tokens=tokens, features=features, dt=dt, block=block, density=density, chosen=chosen):
                         groups = cases.linear_groups(tokens, features, dt, block, density, device,
@@ -95,6 +95,18 @@ def plan(grid: Grid, ops, device: torch.device, requested_backends):
                             g.skipped += chosen.get(g.pass_, ([], []))[1]
                         return groups
                     items.append((f"linear {tokens}x{features} {dname} b={block} d={density}", build))
+        for tokens, features, dname in grid.element_linear:  # element sparsity: block size 1
+            dt = DTYPES[dname]
+            chosen = {p: cases.select_backends(requested_backends, [p], device, dt, block=1)
+                      for p in ("forward", "forward_backward")}
+            for density in grid.element_densities:
+                def build(tokens=tokens, features=features, dt=dt, density=density, chosen=chosen):
+                    groups = cases.linear_groups(tokens, features, dt, 1, density, device,
+                                                 {p: names for p, (names, _) in chosen.items()})
+                    for g in groups:
+                        g.skipped += chosen.get(g.pass_, ([], []))[1]
+                    return groups
+                items.append((f"linear {tokens}x{features} {dname} b=1 d={density}", build))
     if "masked_adam_" in ops:
         for rows, cols, dname in grid.adam:
             dt = DTYPES[dname]
