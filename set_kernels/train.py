@@ -143,6 +143,7 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
     import torch
 
     from .nn import MaskedLinear, SparseLinear
+    from .nn.dropout import Dropout
 
     gen = torch.Generator().manual_seed(seed)
     modules = []
@@ -170,7 +171,7 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
             lin.bias.zero_()
         modules.append(lin)
         if k < len(sizes) - 2:
-            modules += [torch.nn.ReLU(), torch.nn.Dropout(DROPOUT)]
+            modules += [torch.nn.ReLU(), Dropout(DROPOUT)]
     return torch.nn.Sequential(*modules)
 
 

@@ -158,7 +158,7 @@ def _numba_signatures():
 
     from set_kernels.backends import numba as nb
 
-    bsmm, adam, _, spmm = nb._load()
+    bsmm, adam, _, spmm, _ = nb._load()
     arr = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
     f32, i64, boolean = types.float32, types.int64, types.boolean
     idx = arr(types.int32, 1)

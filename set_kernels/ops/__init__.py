@@ -122,7 +122,9 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
     name = _resolve(backend, "bsmm_dsd", device, x.dtype, layout.block_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols).contiguous()
-    y = _library.bsmm_dsd(x2, values.contiguous(), layout.index, bias, rows, cols, layout.block_size, name)
+    values = values.contiguous()
+    fn = _library.EagerLinear.apply if _library.plain_eager(x2, values, bias) else _library.bsmm_dsd
+    y = fn(x2, values, layout.index, bias, rows, cols, layout.block_size, name)
     return y.reshape(*lead, rows)
 
 

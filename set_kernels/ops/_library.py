@@ -57,23 +57,24 @@ def check_index_structure(index, rows: int, cols: int, block_size: int) -> int:
 _CHECKED: dict = {}
 
 
-def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> None:
+def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> tuple:
     """Check that every offset and block index in a packed layout index is in range.
 
     Run by the real implementations of the ops, before any backend kernel: a hand-built or
     corrupted index raises ValueError instead of making a kernel read out of bounds. Checked
     once per index tensor and in-place version (later calls are a dict lookup); on CUDA the
     first check costs one host sync, and it is skipped while a CUDA graph is being captured.
+    Returns the views of :func:`split_index` (cached with the check).
     """
     nnz = check_index_structure(index, rows, cols, block_size)
     key = (rows, cols, block_size)
     hit = _CHECKED.get(id(index))
     if hit is not None and hit[0]() is index and hit[1] == index._version and hit[2] == key:
-        return
+        return hit[3]
     if index.device.type == "meta":
-        return
+        return split_index(index, rows, cols, block_size)
     if index.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
+        return split_index(index, rows, cols, block_size)
     n_rows, n_cols = -(-rows // block_size), -(-cols // block_size)
     row_ptr, col_idx, block_row, col_ptr, row_idx, perm = split_index(index, rows, cols, block_size)
     conds = []
@@ -94,17 +95,44 @@ def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> None:
                          f"(failed: {', '.join(failed)}); build layouts with BlockSparseLayout.from_csr")
     if len(_CHECKED) > 4096:
         _CHECKED.clear()
-    _CHECKED[id(index)] = (weakref.ref(index), index._version, key)
+    parts = split_index(index, rows, cols, block_size)
+    _CHECKED[id(index)] = (weakref.ref(index), index._version, key, parts)
+    return parts
 
 
 # ------------------------------------------------------------------------------------- forward
+def _dsd_impl(x, values, index, bias, rows, cols, block_size, backend):
+    row_ptr, col_idx, *_ = check_index(index, rows, cols, block_size)
+    return backends.get(backend).bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
+
+
+def _dds_impl(dy, values, index, rows, cols, block_size, backend):
+    _, _, _, col_ptr, row_idx, perm = check_index(index, rows, cols, block_size)
+    return backends.get(backend).bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
+
+
+def _sdd_impl(dy, x, index, rows, cols, block_size, backend):
+    _, col_idx, block_row, *_ = check_index(index, rows, cols, block_size)
+    return backends.get(backend).bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size)
+
+
+def plain_eager(*tensors) -> bool:
+    """Whether the call runs eagerly on plain tensors: no torch.compile / export tracing, no fake
+    or functional tensors, no dispatch mode. Then the ops' kernels may be called directly (the
+    custom ops and the direct calls run the same code; the direct path skips the dispatcher)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 @torch.library.custom_op("set_kernels::bsmm_dsd", mutates_args=())
 def bsmm_dsd(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
              block_size: int, backend: str) -> Tensor:
     """``y (M, rows) = x (M, cols) @ W.T + bias``, W given by ``values (nnz, b, b)`` on the layout."""
-    check_index(index, rows, cols, block_size)
-    row_ptr, col_idx, *_ = split_index(index, rows, cols, block_size)
-    return backends.get(backend).bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
+    return _dsd_impl(x, values, index, bias, rows, cols, block_size, backend)
 
 
 @bsmm_dsd.register_fake
@@ -124,10 +152,22 @@ def _dsd_backward(ctx, dy):
     rows, cols, b, backend = ctx.meta
     dy = dy.contiguous()
     dx = dv = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = bsmm_dds(dy, values, index, rows, cols, b, backend)
-    if ctx.needs_input_grad[1]:
-        dv = bsmm_sdd(dy, x, index, rows, cols, b, backend)
+    # A plain eager backward (not create_graph) calls the kernels directly; otherwise the
+    # differentiable, traceable custom ops.
+    direct = not torch.is_grad_enabled() and plain_eager(dy, x, values)
+    need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    fused = getattr(backends.get(backend), "bsmm_backward", None) if direct else None
+    if fused is not None and (need_dx or need_dv):
+        # one call for both gradients (a backend may share work between them)
+        parts = check_index(index, rows, cols, b)
+        row_ptr, col_idx, block_row, col_ptr, row_idx, perm = parts
+        dx, dv = fused(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, b, need_dx, need_dv)
+    else:
+        dds, sdd = (_dds_impl, _sdd_impl) if direct else (bsmm_dds, bsmm_sdd)
+        if need_dx:
+            dx = dds(dy, values, index, rows, cols, b, backend)
+        if need_dv:
+            dv = sdd(dy, x, index, rows, cols, b, backend)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         dbias = dy.sum(0)
     return dx, dv, None, dbias, None, None, None, None
@@ -136,14 +176,31 @@ def _dsd_backward(ctx, dy):
 bsmm_dsd.register_autograd(_dsd_backward, setup_context=_dsd_setup)
 
 
+class EagerLinear(torch.autograd.Function):
+    """``bsmm_dsd`` with its autograd formula, for plain eager calls (see :func:`plain_eager`).
+
+    The same kernels, saved tensors and backward as the custom op, without its dispatch, which
+    costs tens of microseconds a call: at small batches (a SET-MLP step at batch 40) that was a
+    third of a sparse layer's time. Double backward goes through the custom ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, index, bias, rows, cols, block_size, backend):
+        # ctx in forward (not setup_context): apply() then binds no signature, a large part of
+        # the saving at small sizes.
+        y = _dsd_impl(x, values, index, bias, rows, cols, block_size, backend)
+        _dsd_setup(ctx, (x, values, index, bias, rows, cols, block_size, backend), y)
+        return y
+
+    backward = staticmethod(_dsd_backward)
+
+
 # ------------------------------------------------------------------------------- input gradient
 @torch.library.custom_op("set_kernels::bsmm_dds", mutates_args=())
 def bsmm_dds(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
              backend: str) -> Tensor:
     """``dx (M, cols) = dy (M, rows) @ W``, walking the transposed index (no atomics)."""
-    check_index(index, rows, cols, block_size)
-    _, _, _, col_ptr, row_idx, perm = split_index(index, rows, cols, block_size)
-    return backends.get(backend).bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
+    return _dds_impl(dy, values, index, rows, cols, block_size, backend)
 
 
 @bsmm_dds.register_fake
@@ -177,9 +234,7 @@ bsmm_dds.register_autograd(_dds_backward, setup_context=_save_operands)
 def bsmm_sdd(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
              backend: str) -> Tensor:
     """``dv (nnz, b, b)``: ``dy (M, rows).T @ x (M, cols)`` on the live blocks only."""
-    check_index(index, rows, cols, block_size)
-    _, col_idx, block_row, *_ = split_index(index, rows, cols, block_size)
-    return backends.get(backend).bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size)
+    return _sdd_impl(dy, x, index, rows, cols, block_size, backend)
 
 
 @bsmm_sdd.register_fake

@@ -111,41 +111,11 @@ def _load():
         import numba
 
         _set_cache_dir(numba)  # before the kernels are defined: their caches are located then
-        from . import adam, bsmm, spmm
+        from . import adam, bsmm, dropout, spmm
 
-        _start_passive_pool(numba)
-        _kernels = (bsmm, adam, numba, spmm)
+        _kernels = (bsmm, adam, numba, spmm, dropout)
     _sync_threads(_kernels[2])
     return _kernels
-
-
-# Wait policy of numba's OpenMP worker threads, set only while numba starts its thread pool.
-POOL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def _start_passive_pool(numba) -> None:
-    """Start numba's thread pool with workers that sleep, rather than spin, between kernels.
-
-    numba's ``omp`` threading layer loads its own copy of the OpenMP runtime, next to torch's. By
-    default each copy's idle workers spin for a while after every parallel region, so a numba
-    kernel that follows a torch op (or the reverse) finds every core busy with the other pool's
-    spinning threads: on a 2-core machine a small SET-MLP step measured 5-10x slower. The
-    runtime reads ``OMP_WAIT_POLICY`` once, when it is loaded, which numba does when it launches
-    its pool; the variable is set for that moment only and then restored, so torch's runtime and
-    child processes are left as they were. A user's own ``OMP_WAIT_POLICY`` is respected.
-    """
-    from numba.np.ufunc import parallel
-
-    saved = {k: os.environ.get(k) for k in POOL_ENV}
-    try:
-        for k, v in POOL_ENV.items():
-            if saved[k] is None:
-                os.environ[k] = v
-        parallel._launch_threads()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
 
 
 def _sync_threads(numba) -> None:
@@ -283,6 +253,32 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -
     dyt, xt = _scratch(dyn.dtype, (-(-rows // b), b, M), (-(-cols // b), b, M))
     bsmm.sdd(dyn, xn, _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK, dyt, xt)
     return dv
+
+
+def bsmm_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows: int, cols: int,
+                  block_size: int, need_dx: bool, need_dv: bool):
+    """``(dx, dv)`` of the forward in one call (None for what is not needed): at block size 1 the
+    two kernels share one transpose of ``dy``; other block sizes call :func:`bsmm_dds` and
+    :func:`bsmm_sdd`."""
+    b = int(block_size)
+    M = dy.shape[0]
+    nnz = values.shape[0]
+    if b != 1 or M == 0 or nnz == 0:
+        dx = bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size) if need_dx else None
+        dv = bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size) if need_dv else None
+        return dx, dv
+    spmm = _load()[3]
+    for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm"), (block_row, "block_row"),
+                    (col_idx, "col_idx")):
+        _check_index(t, name)
+    dx = torch.empty(M, cols, dtype=dy.dtype)
+    dv = torch.empty(nnz, 1, 1, dtype=dy.dtype)
+    dyn, xn = _np(dy), _np(x)
+    dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
+    spmm.backward(dyn, xn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
+                  _np(col_idx), bool(need_dx), bool(need_dv), dx.numpy(), dv.numpy().reshape(-1), dyT, xT,
+                  spmm.TOKEN_TILE, spmm.ROW_CHUNK, spmm.ENTRY_CHUNK)
+    return (dx if need_dx else None), (dv if need_dv else None)
 
 
 def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float, beta2: float,

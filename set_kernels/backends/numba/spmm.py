@@ -139,6 +139,18 @@ def spmm_t(dy, v, col_ptr, row_idx, perm, dx, dyT, TM, RC):
     _spmm_t(dyT, v, col_ptr, row_idx, perm, True, v[:0], False, dx, TM, RC)
 
 
+@njit(**_SERIAL)
+def backward(dy, x, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, dyT, xT, TM, RC, EC):
+    """Both gradients of the forward from one transpose of ``dy``: ``dx (M, cols) = dy @ W`` when
+    ``need_dx`` and ``dv[e] = sum_t dy[t, row[e]] * x[t, col[e]]`` when ``need_dv``."""
+    transpose(dy, dyT)
+    if need_dx:
+        _spmm_t(dyT, v, col_ptr, row_idx, perm, True, v[:0], False, dx, TM, RC)
+    if need_dv:
+        transpose(x, xT)
+        _sddmm_t(dyT, xT, row, col, dv, EC)
+
+
 @njit(**_FLAGS)
 def _sddmm_t(dyT, xT, row, col, out, EC):
     """``out[e] = dot(dyT[row[e], :], xT[col[e], :])`` for every live entry ``e``."""
