@@ -135,7 +135,8 @@ def _plot(runs: dict[str, dict[int, dict]], path: str, args) -> None:
         ax.plot(range(1, n + 1), smooth, label=f"{name} ({len(done)} seeds)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (mean over seeds, 5-epoch running mean)")
-    ax.set_ylim(0.75, 0.87)
+    lows = [line.get_ydata()[min(len(line.get_ydata()) - 1, 4)] for line in ax.get_lines()]
+    ax.set_ylim(max(0.5, min(lows, default=0.75) - 0.02) if lows else 0.75, None)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"SET-MLP, Fashion-MNIST {args.train_samples}/{args.test_samples} ({args.tag})")
