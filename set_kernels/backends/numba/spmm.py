@@ -15,9 +15,10 @@ Design:
 * **Token tiles.** Tokens are processed ``TM`` at a time (the whole batch when it is small), so
   that the operand slice a tile touches, ``n_in * TM`` values, stays in the caches while a row's
   entries gather from it.
-* **Four entries per pass.** The forward and dX kernels consume a row's entries four at a time,
-  ``acc += w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3``, which quarters the loads and stores of the
-  accumulator against the loads of the operand rows.
+* **Eight entries per pass.** The forward and dX kernels consume a row's entries eight (then
+  four) at a time, ``acc += w0 * x0 + ... + w7 * x7``: fewer loads and stores of the accumulator,
+  and eight operand rows in flight, which matters at large widths where each is a cache miss
+  (about 10 % faster than four at 5 million live entries).
 * **Parallel over independent outputs, no atomics.** The forward owns output features (CSR rows),
   dX owns input features through the transposed index (so every ``dx`` element is written by one
   thread), and dW owns live entries (each a dot product of two contiguous token runs). The
@@ -95,6 +96,38 @@ def _spmm_t(aT, v, ptr, idx, perm, use_perm, bias, has_bias, out, TM, RC):
             e0 = np.int64(ptr[o])
             e1 = np.int64(ptr[o + 1])
             e = e0
+            while e + 8 <= e1:
+                # eight operand rows in flight: at large widths each is a cache miss
+                if use_perm:
+                    w0 = v[perm[e]]
+                    w1 = v[perm[e + 1]]
+                    w2 = v[perm[e + 2]]
+                    w3 = v[perm[e + 3]]
+                    w4 = v[perm[e + 4]]
+                    w5 = v[perm[e + 5]]
+                    w6 = v[perm[e + 6]]
+                    w7 = v[perm[e + 7]]
+                else:
+                    w0 = v[e]
+                    w1 = v[e + 1]
+                    w2 = v[e + 2]
+                    w3 = v[e + 3]
+                    w4 = v[e + 4]
+                    w5 = v[e + 5]
+                    w6 = v[e + 6]
+                    w7 = v[e + 7]
+                x0 = aT[idx[e], t0:t0 + tn]
+                x1 = aT[idx[e + 1], t0:t0 + tn]
+                x2 = aT[idx[e + 2], t0:t0 + tn]
+                x3 = aT[idx[e + 3], t0:t0 + tn]
+                x4 = aT[idx[e + 4], t0:t0 + tn]
+                x5 = aT[idx[e + 5], t0:t0 + tn]
+                x6 = aT[idx[e + 6], t0:t0 + tn]
+                x7 = aT[idx[e + 7], t0:t0 + tn]
+                for t in range(tn):
+                    acc[t] += (w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]) + \
+                              (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t])
+                e += 8
             while e + 4 <= e1:
                 if use_perm:
                     w0 = v[perm[e]]
