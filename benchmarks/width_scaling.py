@@ -74,7 +74,7 @@ def summarise(results: dict, out_dir: str, args) -> str:
              f"784-W-W-W-10, epsilon 13, {args.train_samples} train / {args.test_samples} test Fashion-MNIST images, "
              f"batch 40, SGD; {args.threads} threads, one run at a time. s/epoch: median over the epochs of the "
              "training steps plus the SET update, without evaluation. Peak RSS: the whole process.", "",
-             "| width | layer | live weights | epochs | s/epoch | vs dense | peak RSS (MB) | test acc |",
+             "| width | layer | live weights | epochs | s/epoch | speedup over dense | peak RSS (MB) | test acc |",
              "|---|---|---|---|---|---|---|---|"]
     for width in sorted({w for (_, w) in results}):
         dense = results.get(("dense", width))
@@ -84,7 +84,7 @@ def summarise(results: dict, out_dir: str, args) -> str:
             if r is None:
                 continue
             t = statistics.median(h["time_s"] for h in r["history"])
-            ratio = f"{dense_t / t:.1f}x faster" if dense_t and name != "dense" else "–"
+            ratio = f"{dense_t / t:.1f}x" if dense_t and name != "dense" else "–"
             rss = r["final"].get("peak_rss_mb")
             lines.append(f"| {width:,} | {name} | {r['final']['live_weights']:,} | {len(r['history'])} | {t:.3f} | "
                          f"{ratio} | {rss:.0f} | {r['final']['test_acc']:.4f} |")
