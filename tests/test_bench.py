@@ -198,3 +198,29 @@ def test_bench_adam_and_set_mlp_step(tmp_path):
     assert not [s for s in doc["skipped"] if s["impl"] == "-"]
     paths = bench.write_all(doc, str(tmp_path), "x")
     assert "set_mlp_step" in open(paths["md"]).read()
+
+
+def test_tiny_grid_has_element_linear_rows(linear_run):
+    _, out, stdout = linear_run
+    doc = json.loads((out / "tiny.json").read_text())
+    element = [r for r in doc["records"] if r["op"] == "block_sparse_linear" and r["block"] == 1]
+    assert {r["impl"] for r in element} >= {"numba", "dense"}
+    assert "| forward | 16 × 256 → 256 | float32 | 1 | 0.1 | numba |" in stdout
+
+
+def test_mlp_scale_case_skips_the_dense_mlp_and_builds_element_layers(monkeypatch):
+    from set_kernels.bench import grid as grid_mod, mlp
+
+    monkeypatch.setattr(mlp, "DENSE_LIMIT", 1000)
+    g = grid_mod.default_grid("cpu", "tiny")
+    group = mlp.mlp_group(g, 0.05, torch.device("cpu"), ["numba"], layers=(64, 300, 300, 10), block=1)
+    assert group.block == 1 and "dense" not in group.fns
+    assert any(impl == "dense" and "weights" in why for impl, why in group.skipped)
+    assert set(group.fns) == {"numba", "numba/set_update"}
+    group.fns["numba"]()  # one training step runs
+    group.fns["numba/set_update"]()
+    assert 0.03 < group.density < 0.07
+    # below the limit the dense MLP is built and timed
+    monkeypatch.setattr(mlp, "DENSE_LIMIT", 10**9)
+    group = mlp.mlp_group(g, 0.05, torch.device("cpu"), ["numba"], layers=(64, 300, 300, 10), block=1)
+    assert "dense" in group.fns

@@ -39,6 +39,9 @@ class Grid:
     mlp_batch: int = 128
     mlp_densities: tuple = MLP_DENSITIES
     mlp_block: int = 16
+    mlp_element: bool = True  # also the SET-MLP with element sparsity (block size 1)
+    # Scale cases (full grid): [(hidden width, total density)] of a 784-W-W-W-10 element SET-MLP.
+    mlp_scale: list = field(default_factory=list)
     mlp_dtype: str = "float32"
     mlp_interval: int = 100  # SET topology update every this many steps (its cost is amortised)
     repeats: int = 5  # CPU: interleaved repeats per group
@@ -75,7 +78,9 @@ def default_grid(device_type: str, mode: str) -> Grid:
         return Grid(linear=[(512, 4096, "float32")], blocks=(32,), densities=(0.05, 0.1, 0.25, 0.5),
                     element_linear=[(512, 4096, "float32")], element_densities=(0.05,),
                     adam=[(4096, 4096, "float32")], repeats=5, copy_bytes=256 << 20)
-    return Grid(linear=[(512, 1024, "float32"), (512, 1024, "float64"), (512, 2048, "float32"),
+    # the scale case: epsilon = 13 at width 20,000 (1.5 million live weights; dense: 816 million)
+    return Grid(mlp_scale=[(20000, 0.00185)],
+                linear=[(512, 1024, "float32"), (512, 1024, "float64"), (512, 2048, "float32"),
                         (512, 4096, "float32")],
                 element_linear=[(t, f, "float32") for t in (40, 512) for f in (1024, 4096)],
                 adam=[(2048, 2048, "float32"), (4096, 4096, "float32")], repeats=7, copy_bytes=256 << 20)

@@ -16,11 +16,25 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends as _backends
-from ..nn import SparseLinear, sparsify
+from ..nn import SparseLinear, layer_densities, sparsify
 from ..optim import MaskedAdam
 from .cases import Group, _live_elements, _try_add
 
 ZETA = 0.3
+# Dense weights above which the dense MLP is not built (the scale cases: it would not fit or
+# would take minutes a step); the sparse model is then built directly, without a dense template.
+DENSE_LIMIT = 50_000_000
+
+
+def _sparse_mlp(layers, density, block, device, dtype, gen) -> torch.nn.Sequential:
+    """The SET-MLP with SparseLinear layers at ER densities of total ``density``, built directly."""
+    shapes = [(n_out, n_in) for n_in, n_out in zip(layers[:-1], layers[1:])]
+    mods = []
+    for i, ((n_out, n_in), d) in enumerate(zip(shapes, layer_densities(shapes, density, "er"))):
+        mods.append(SparseLinear(n_in, n_out, density=d, block_size=block, generator=gen, device=device, dtype=dtype))
+        if i < len(shapes) - 1:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
 
 
 def _dense_mlp(layers, device, dtype, gen) -> torch.nn.Sequential:
@@ -46,22 +60,31 @@ def _train_step(model, opt, x, y):
     return step
 
 
-def mlp_group(grid, density: float, device, names, *, seed: int = 2) -> Group:
-    """The SET-MLP step with each backend in ``names`` (its SparseLinear layers) against the dense MLP."""
+def mlp_group(grid, density: float, device, names, *, seed: int = 2, layers=None, block=None) -> Group:
+    """The SET-MLP step with each backend in ``names`` (its SparseLinear layers) against the dense MLP.
+
+    ``layers`` and ``block`` default to ``grid.mlp_layers`` and ``grid.mlp_block``. Above
+    :data:`DENSE_LIMIT` dense weights the dense MLP is skipped (with the reason) and the sparse one
+    built directly: the scale cases.
+    """
     from .. import SET  # the evolution module; ImportError is reported as a skipped case
 
     dtype = getattr(torch, grid.mlp_dtype)
-    layers = tuple(grid.mlp_layers)
+    layers = tuple(grid.mlp_layers if layers is None else layers)
+    block = grid.mlp_block if block is None else block
     gen = torch.Generator().manual_seed(seed)
-    dense = _dense_mlp(layers, device, dtype, gen)
+    total = sum(a * b for a, b in zip(layers[:-1], layers[1:]))
+    dense = _dense_mlp(layers, device, dtype, gen) if total <= DENSE_LIMIT else None
     x = torch.randn(grid.mlp_batch, layers[0], generator=gen).to(device, dtype)
     y = torch.randint(0, layers[-1], (grid.mlp_batch,), generator=gen).to(device)
-    total = sum(a * b for a, b in zip(layers[:-1], layers[1:]))
-    template = sparsify(copy.deepcopy(dense), density=density, block_size=grid.mlp_block, distribution="er")
+    if dense is not None:
+        template = sparsify(copy.deepcopy(dense), density=density, block_size=block, distribution="er")
+    else:
+        template = _sparse_mlp(layers, density, block, device, dtype, gen)
     sparse_layers = [m for m in template.modules() if isinstance(m, SparseLinear)]
     live = sum(_live_elements(m.layout) for m in sparse_layers)
     group = Group(op="set_mlp_step", pass_="train_step", shape={"batch": grid.mlp_batch, "layers": list(layers)},
-                  dtype=grid.mlp_dtype, block=grid.mlp_block, density=live / total, nnz_blocks=None)
+                  dtype=grid.mlp_dtype, block=block, density=live / total, nnz_blocks=None)
     try:
         opt_backend = _backends.resolve(None, "masked_adam_", torch.device(device), dtype)
     except RuntimeError:
@@ -86,7 +109,11 @@ def mlp_group(grid, density: float, device, names, *, seed: int = 2) -> Group:
         model = copy.deepcopy(dense)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         return _train_step(model, opt, x, y)
-    _try_add(group, "dense", "dense", build_dense)
+    if dense is None:
+        group.skipped.append(("dense", f"the dense MLP has {total:,} weights (over {DENSE_LIMIT:,}: it would not "
+                                       "fit, or take minutes a step, on this machine)"))
+    else:
+        _try_add(group, "dense", "dense", build_dense)
     group.flops["dense"] = 6 * grid.mlp_batch * total
     group.postprocess = lambda stats: _amortise(stats, grid.mlp_interval, group, opt_backend)
     return group

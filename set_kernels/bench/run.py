@@ -120,12 +120,22 @@ def plan(grid: Grid, ops, device: torch.device, requested_backends):
     if "set_mlp_step" in ops:
         dt = DTYPES[grid.mlp_dtype]
         names, skipped = cases.select_backends(requested_backends, ["train_step"], device, dt)
-        for density in grid.mlp_densities:
-            def build(density=density, names=names, skipped=skipped):
-                g = mlp.mlp_group(grid, density, device, names)
+        blocks = (grid.mlp_block, 1) if grid.mlp_element else (grid.mlp_block,)
+        for block in blocks:
+            names, skipped = cases.select_backends(requested_backends, ["train_step"], device, dt, block=block)
+            for density in grid.mlp_densities:
+                def build(density=density, names=names, skipped=skipped, block=block):
+                    g = mlp.mlp_group(grid, density, device, names, block=block)
+                    g.skipped += skipped
+                    return [g]
+                items.append((f"set_mlp_step b={block} d={density}", build))
+        names, skipped = cases.select_backends(requested_backends, ["train_step"], device, dt, block=1)
+        for width, density in grid.mlp_scale:
+            def build(width=width, density=density, names=names, skipped=skipped):
+                g = mlp.mlp_group(grid, density, device, names, layers=(784, width, width, width, 10), block=1)
                 g.skipped += skipped
                 return [g]
-            items.append((f"set_mlp_step d={density}", build))
+            items.append((f"set_mlp_step scale width={width} d={density}", build))
     return items
 
 
