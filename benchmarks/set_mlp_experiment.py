@@ -182,18 +182,21 @@ def main() -> int:
     def run(job):
         seed, name, flags = job
         path = os.path.join(out_dir, f"{name}_seed{seed}.json")
-        if os.path.exists(path):
-            return
+        if os.path.exists(path) or os.path.exists(path + ".part"):
+            return  # done, or being run by another invocation (a dead run leaves its .part: delete it)
         cmd = [sys.executable, "-m", "set_kernels", "train", "--data", "fashion-mnist", "--epochs", str(args.epochs),
                "--train-samples", str(args.train_samples), "--test-samples", str(args.test_samples),
                "--seed", str(seed), "--threads", "1", "--json", path + ".part", *flags]
         if args.init:
             cmd += ["--init", args.init]
+        open(path + ".part", "w").close()  # claims the run (train writes its JSON there at the end)
         t0 = time.time()
         with open(os.path.join(out_dir, f"{name}_seed{seed}.log"), "w") as log:
             rc = subprocess.run(cmd, cwd=snapshot, env=env, stdout=log, stderr=subprocess.DEVNULL).returncode
         if rc == 0:
             os.replace(path + ".part", path)
+        else:
+            os.remove(path + ".part")
         with summary_lock:  # two runs may finish together: one rewrite of summary.md at a time
             print(f"{name} seed {seed}: rc={rc} in {time.time() - t0:.0f}s", flush=True)
             print(summarise(out_dir, args), flush=True)
