@@ -5,7 +5,7 @@ default, or ``quick``). Without ``--benchmark-only`` (or ``--benchmark-enable``)
 disabled and the grid is the toy ``tiny`` one, so ``pytest benchmarks`` is a smoke test of every
 case (each callable runs once) that finishes in seconds.
 
-(set_kernels.backends.numba points $NUMBA_CACHE_DIR at the checkout's ignored .numba_cache itself.)
+(set_kernels.backends.numba caches its compiled kernels per user, under ~/.cache/set_kernels/numba.)
 """
 from __future__ import annotations
 

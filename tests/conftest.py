@@ -21,7 +21,7 @@ import signal  # noqa: E402
 
 import pytest  # noqa: E402
 
-# (set_kernels.backends.numba points $NUMBA_CACHE_DIR at the repo's ignored .numba_cache itself.)
+# (set_kernels.backends.numba caches its compiled kernels per user, under ~/.cache/set_kernels/numba.)
 from set_kernels import backends
 
 # CPU backends that every CPU installation must have: unavailable => the tests FAIL.
