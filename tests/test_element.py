@@ -138,3 +138,27 @@ def test_cuda_backend_refuses_block_size_1_with_reason_and_auto_picks_triton(mon
     monkeypatch.setattr(backends.load("triton"), "availability", lambda: (False, "off"))
     assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 1) == "torch"
     assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 16) == "cuda"
+
+
+# ------------------------------------------------------------------ checkpoints and SET misuse
+@pytest.mark.parametrize("other", [dict(density=0.25, block_size=16), dict(density=0.1, block_size=1)])
+def test_loading_another_topology_size_names_the_layer_and_cause(other):
+    src = torch.nn.Sequential(torch.nn.ReLU(), sk.nn.SparseLinear(64, 48, density=0.5, block_size=16))
+    dst = torch.nn.Sequential(torch.nn.ReLU(), sk.nn.SparseLinear(64, 48, generator=gen(1), **other))
+    before = dst[1].layout
+    with pytest.raises(RuntimeError, match=r"1: the checkpoint's values have shape \(6, 16, 16\).*same number of live"):
+        dst.load_state_dict(src.state_dict())
+    assert dst[1].layout == before  # nothing was half-loaded
+    x = randn(3, 64)
+    assert dst(x).shape == (3, 48)
+
+
+def test_set_rejects_an_optimizer_without_the_sparse_parameters():
+    model = torch.nn.Sequential(sk.nn.SparseLinear(20, 10, density=0.5, block_size=1), torch.nn.Linear(10, 2))
+    other = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="^optimizer: it holds none of the sparse layers' parameters"):
+        sk.SET(model, other)
+    two = torch.nn.Sequential(sk.nn.SparseLinear(20, 10, density=0.5, block_size=1),
+                              sk.nn.SparseLinear(10, 4, density=0.5, block_size=1))
+    with pytest.warns(UserWarning, match=r"\['1'\]"):
+        sk.SET(two, torch.optim.SGD(two[0].parameters(), lr=0.1))

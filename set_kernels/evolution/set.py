@@ -58,6 +58,7 @@ as well, and a second round trip.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import torch
@@ -163,6 +164,16 @@ class SET:
         if not self.layers:
             raise ValueError("model: expected at least one sparse layer (SparseLinear or MaskedLinear), found none; "
                              "use set_kernels.sparsify(model, ...) first")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        units = [(name, m.values if isinstance(m, SparseLinear) else m.weight) for name, m in self.layers]
+        missing = [name for name, p in units if id(p) not in held]
+        if len(missing) == len(units):
+            raise ValueError("optimizer: it holds none of the sparse layers' parameters "
+                             f"({', '.join(name or '<model>' for name, _ in units)}), so SET could not keep its state "
+                             "in step with the topology; pass the optimizer that trains this model")
+        if missing:
+            warnings.warn(f"SET: the optimizer does not hold the parameters of the sparse layer(s) {missing}; their "
+                          "topology evolves, but no optimizer state follows it", stacklevel=2)
         self.model = model
         self.optimizer = optimizer
         self._step = 0

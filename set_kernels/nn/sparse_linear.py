@@ -65,10 +65,32 @@ class SparseLinear(torch.nn.Module):
         # broadcast, a checkpoint loader) changes the version, so the cached layout is rebuilt.
         return (self.row_ptr, self.col_idx, self.row_ptr._version, self.col_idx._version)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint of another topology size (density, block size) cannot be copied into this
+        # layer's storage: say which layer and why, instead of a low-level size error.
+        theirs = state_dict.get(prefix + "values")
+        if isinstance(theirs, torch.Tensor) and tuple(theirs.shape) != tuple(self.values.shape):
+            b = self.block_size
+            shape = tuple(theirs.shape)
+            error_msgs.append(
+                f"{prefix.rstrip('.') or 'SparseLinear'}: the checkpoint's values have shape {shape} "
+                f"({shape[0] if shape else '?'} live blocks), this layer's {tuple(self.values.shape)} "
+                f"({self.values.shape[0]} live blocks of {b} x {b}); a SparseLinear loads only a topology with "
+                "the same number of live blocks and the same block size (was it saved at another density or "
+                "block size?). Build the layer with the checkpoint's layout: SparseLinear(..., layout="
+                "BlockSparseLayout.from_csr(row_ptr, col_idx, block_size, shape)).")
+            self._load_failed = True
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @staticmethod
     def _drop_layout_cache(module, incompatible_keys=None) -> None:
         # load_state_dict copies into the same buffers; the cached layout must be rebuilt. It is
         # rebuilt here, eagerly, so that a torch.compile'd forward only ever reads the cache.
+        if module.__dict__.pop("_load_failed", False):
+            return  # nothing was loaded: the buffers and the cached layout are unchanged
         module._layout = None
         module.layout
 
