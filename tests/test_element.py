@@ -162,3 +162,26 @@ def test_set_rejects_an_optimizer_without_the_sparse_parameters():
                               sk.nn.SparseLinear(10, 4, density=0.5, block_size=1))
     with pytest.warns(UserWarning, match=r"\['1'\]"):
         sk.SET(two, torch.optim.SGD(two[0].parameters(), lr=0.1))
+
+
+# --------------------------------------------------------------------------- the eager path
+@pytest.mark.parametrize("b,density", [(1, 0.2), (16, 0.5)])
+def test_eager_path_matches_the_custom_op_bit_for_bit(b, density, monkeypatch):
+    from set_kernels.ops import _library
+
+    layout = BSL.random(50, 70, b, density, generator=gen(0))
+    outs = []
+    for eager in (True, False):
+        monkeypatch.setattr(_library, "plain_eager", lambda *t, eager=eager: eager)
+        calls = []
+        monkeypatch.setattr(_library.EagerLinear, "forward",
+                            staticmethod(lambda ctx, *a, f=_library.EagerLinear.forward: calls.append(1) or f(ctx, *a)))
+        values = randn(layout.nnz_blocks, b, b, seed=1).requires_grad_()
+        x = randn(6, 70, seed=2).requires_grad_()
+        bias = randn(50, seed=3).requires_grad_()
+        y = sk.ops.block_sparse_linear(x, values, layout, bias, backend="numba")
+        y.backward(randn(6, 50, seed=4))
+        assert bool(calls) == eager
+        outs.append((y.detach(), x.grad, values.grad, bias.grad))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)

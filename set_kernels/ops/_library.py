@@ -120,12 +120,15 @@ def plain_eager(*tensors) -> bool:
     """Whether the call runs eagerly on plain tensors: no torch.compile / export tracing, no fake
     or functional tensors, no dispatch mode. Then the ops' kernels may be called directly (the
     custom ops and the direct calls run the same code; the direct path skips the dispatcher)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or _dispatch_modes():
         return False
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+# Active TorchDispatchModes (FakeTensorMode, proxy tracing, ...); a torch without the query is
+# treated as always having one, so that every call keeps the custom ops.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 
 
 @torch.library.custom_op("set_kernels::bsmm_dsd", mutates_args=())
