@@ -120,11 +120,30 @@ def test_unwritten_output_element_fails(monkeypatch, capsys, tmp_path):
         return out
 
     monkeypatch.setattr(numba_backend, "bsmm_dds", forgets_a_row)
+    # the eager backward calls the backend's fused bsmm_backward when it has one: use the two ops
+    monkeypatch.delattr(numba_backend, "bsmm_backward")
     status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp64")
     assert status == 1
     failed = rows(doc, op="dX")
     assert failed and all(r["status"] == "FAIL" and "non-finite" in r["note"] for r in failed)
     assert torch.empty(3).numel() == 3  # torch.empty is itself again
+
+
+def test_wrong_fused_backward_fails(monkeypatch, capsys, tmp_path):
+    """The fused backward (what eager autograd calls at block size 1) is checked too."""
+    require_backend("numba")
+    numba_backend = backends.load("numba")
+    original = numba_backend.bsmm_backward
+
+    def wrong_dw(*args, **kwargs):
+        dx, dv = original(*args, **kwargs)
+        return dx, (None if dv is None else dv * 2)
+
+    monkeypatch.setattr(numba_backend, "bsmm_backward", wrong_dw)
+    status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp32")
+    assert status == 1
+    assert any(r["status"] == "FAIL" for r in rows(doc, op="dW"))
+    assert all(r["status"] == "PASS" for r in rows(doc, op="fwd") + rows(doc, op="dX"))
 
 
 def test_crashing_backend_fails_with_the_error(monkeypatch, capsys, tmp_path):
@@ -135,6 +154,7 @@ def test_crashing_backend_fails_with_the_error(monkeypatch, capsys, tmp_path):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(numba_backend, "bsmm_sdd", crash)
+    monkeypatch.delattr(numba_backend, "bsmm_backward")  # as above: the two ops, not the fused call
     status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp32")
     assert status == 1
     assert all(r["status"] == "FAIL" and "kernel exploded" in r["note"] for r in rows(doc, op="dW"))
