@@ -10,6 +10,11 @@ The three matmuls are each other's transposes, so every backward is written with
 * ``bsmm_dsd``: ``y = x @ W.T``    -> ``dx = dds(dy, W)``, ``dW = sdd(dy, x)``
 * ``bsmm_dds``: ``z = g @ W``      -> ``dg = dsd(dz, W)``, ``dW = sdd(g, dz)``
 * ``bsmm_sdd``: ``S = sdd(g, x)``  -> ``dg = dsd(x, dS)``, ``dx = dds(g, dS)``
+
+Plain eager calls take a shorter road to the same kernels: :class:`EagerLinear` (the forward and
+backward of ``bsmm_dsd`` as an ``autograd.Function``) and, in a backward that builds no graph, a
+backend's fused ``bsmm_backward`` when it has one (numba: one transpose of ``dy`` for both
+gradients at block size 1). Tracing, fake tensors and double backward use the custom ops.
 """
 from __future__ import annotations
 
