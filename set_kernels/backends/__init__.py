@@ -2,7 +2,8 @@
 
 Each backend is a module exposing ``availability() -> (bool, reason)``, ``SUPPORTED_DTYPES`` and
 the op functions it implements (``bsmm_dsd``, ``bsmm_dds``, ``bsmm_sdd``, ``masked_adam_``), and
-optionally ``BLOCK_SIZES`` (the matmul block sizes it serves; all of them when absent). The
+optionally ``BLOCK_SIZES`` (the matmul block sizes it serves; all of them when absent) and
+``bsmm_backward`` (both gradients of the forward in one call, used by eager backward passes). The
 dispatcher collects, for a requested (backend, op, device, dtype), every reason the backend cannot
 run it; ``"auto"`` takes the first backend in the device's preference order whose list is empty,
 and an explicit request with a non-empty list raises ``RuntimeError`` listing the reasons.
