@@ -191,6 +191,7 @@ def test_bench_adam_and_set_mlp_step(tmp_path):
         assert r["bytes"] > 0 and r["copy_gbps"] > 0 and math.isclose(r["copy_share"], r["gbps"] / r["copy_gbps"])
     mlp = [r for r in doc["records"] if r["op"] == "set_mlp_step"]
     assert {(r["impl"], round(r["density"], 1)) for r in mlp} >= {("numba", 0.0), ("numba", 0.1), ("dense", 0.0)}
+    assert {r["block"] for r in mlp if r["kind"] == "sparse"} == {g.mlp_block, 1}  # blocks and element sparsity
     for r in mlp:
         if r["kind"] == "sparse":
             assert r["interval"] == g.mlp_interval and r["evolution_ms"] > 0
