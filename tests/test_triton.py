@@ -305,22 +305,15 @@ def test_b1_routes_to_the_csr_kernels(monkeypatch):
 
     spmm = _spmm_module()
     calls = []
-    for name in ("spmm_dsd", "spmm_dds", "spmm_sdd"):
-        original = getattr(spmm, name)
+    for module, names in ((spmm, ("spmm_dsd", "spmm_dds", "spmm_sdd")), (tb, ("_block_dsd", "_block_dds", "_block_sdd"))):
+        for name in names:
+            original = getattr(module, name)
 
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
+            def spy(*args, _name=name, _original=original, **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(spmm, name, spy)
-    for name in ("_block_dsd", "_block_dds", "_block_sdd"):
-        original = getattr(tb, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(tb, name, spy)
+            monkeypatch.setattr(module, name, spy)
     run_linear(*make_problem(20, 30, 1, 0.3, 5, torch.float32), "triton")
     assert sorted(calls) == ["spmm_dds", "spmm_dsd", "spmm_sdd"]
     calls.clear()

@@ -140,3 +140,13 @@ def cast_out(x, DT: tl.constexpr, INTERPRETED: tl.constexpr):
         u = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
         x = u.to(tl.float32, bitcast=True)
     return x.to(DT)
+
+
+def check_sdd_operands(dy, x, block_row, col_idx) -> None:
+    """The weight-gradient kernels' operands: ``dy`` and ``x`` on the GPU (or interpreted), one
+    dtype, contiguous; ``block_row`` and ``col_idx`` int32 indices."""
+    check_device(dy, "dy")
+    check_operand(dy, "dy", dy.dtype)
+    check_operand(x, "x", dy.dtype)
+    check_index(block_row, "block_row")
+    check_index(col_idx, "col_idx")

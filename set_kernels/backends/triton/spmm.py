@@ -227,11 +227,7 @@ def spmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int) -> torch.Tensor:
     and ``col_idx`` ``(nnz,)`` int32 in CSR order. fp32 accumulation, deterministic.
     """
     rows, cols = int(rows), int(cols)
-    _common.check_device(dy, "dy")
-    _common.check_operand(dy, "dy", dy.dtype)
-    _common.check_operand(x, "x", dy.dtype)
-    _common.check_index(block_row, "block_row")
-    _common.check_index(col_idx, "col_idx")
+    _common.check_sdd_operands(dy, x, block_row, col_idx)
     nnz = block_row.numel()
     M = dy.shape[0]
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype, device=dy.device)
