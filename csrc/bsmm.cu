@@ -25,9 +25,9 @@
 namespace set_kernels {
 namespace {
 
-constexpr const char* kDsd = "set_kernels._C.bsmm_dsd";
-constexpr const char* kDds = "set_kernels._C.bsmm_dds";
-constexpr const char* kSdd = "set_kernels._C.bsmm_sdd";
+constexpr const char* kDsd = "set_kernels._C.linear_forward";
+constexpr const char* kDds = "set_kernels._C.linear_grad_input";
+constexpr const char* kSdd = "set_kernels._C.linear_grad_weight";
 
 enum class Path { kSm80Wmma };
 
@@ -93,15 +93,15 @@ std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; 
 
 }  // namespace
 
-void bsmm_dsd(const BsmmDsdArgs& args, std::uintptr_t stream, int device) {
+void linear_forward(const BsmmDsdArgs& args, std::uintptr_t stream, int device) {
   run_dsd(kDsd, args, false, stream, device);
 }
 
-void bsmm_dds(const BsmmDsdArgs& args, std::uintptr_t stream, int device) {
+void linear_grad_input(const BsmmDsdArgs& args, std::uintptr_t stream, int device) {
   run_dsd(kDds, args, true, stream, device);
 }
 
-int bsmm_sdd_default_splits(std::int64_t M, std::int64_t nnz, int block) noexcept {
+int linear_grad_weight_default_splits(std::int64_t M, std::int64_t nnz, int block) noexcept {
   if (M <= 0 || nnz <= 0 || !bsmm_block_is_valid(block)) return 1;
   const std::int64_t sub = block > 64 ? block / 64 : 1;
   const std::int64_t tiles = nnz * sub * sub;        // CTAs without splitting
@@ -114,12 +114,12 @@ int bsmm_sdd_default_splits(std::int64_t M, std::int64_t nnz, int block) noexcep
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
-std::int64_t bsmm_sdd_workspace_numel(int splits, std::int64_t nnz, int block) noexcept {
+std::int64_t linear_grad_weight_workspace_numel(int splits, std::int64_t nnz, int block) noexcept {
   if (splits <= 1 || nnz <= 0) return 0;
   return static_cast<std::int64_t>(splits) * nnz * block * block;
 }
 
-void bsmm_sdd(const BsmmSddArgs& a, std::uintptr_t stream, int device) {
+void linear_grad_weight(const BsmmSddArgs& a, std::uintptr_t stream, int device) {
   check_common(kSdd, a.dtype, a.block);
   if (a.splits < 1 || a.splits > kBsmmSddMaxSplits) {
     throw std::invalid_argument(std::string(kSdd) + ": splits must be in [1, " +
@@ -131,10 +131,10 @@ void bsmm_sdd(const BsmmSddArgs& a, std::uintptr_t stream, int device) {
   std::int64_t chunk = ceil_div(ceil_div(M, a.splits), bsmm::kSddChunkQuantum) * bsmm::kSddChunkQuantum;
   if (chunk == 0) chunk = bsmm::kSddChunkQuantum;
   const int splits = M > 0 ? static_cast<int>(ceil_div(M, chunk)) : 1;
-  if (splits > 1 && a.workspace_numel < bsmm_sdd_workspace_numel(splits, a.nnz, a.block)) {
+  if (splits > 1 && a.workspace_numel < linear_grad_weight_workspace_numel(splits, a.nnz, a.block)) {
     throw std::invalid_argument(std::string(kSdd) + ": workspace_numel=" + std::to_string(a.workspace_numel) +
                                 " is smaller than the " +
-                                std::to_string(bsmm_sdd_workspace_numel(splits, a.nnz, a.block)) +
+                                std::to_string(linear_grad_weight_workspace_numel(splits, a.nnz, a.block)) +
                                 " fp32 elements needed for " + std::to_string(splits) + " splits");
   }
   const int count = require_device(kSdd);

@@ -1,4 +1,4 @@
-// Block-sparse matmuls (bsmm_dsd / bsmm_dds / bsmm_sdd): host-side interface.
+// Block-sparse matmuls (linear_forward / linear_grad_input / linear_grad_weight): host-side interface.
 //
 // Plain C++17 (no cuda_runtime.h, pybind11 or torch), like masked_adam.h, so the
 // bindings in python/src/ compile with the host compiler alone.  Tensors are raw
@@ -11,9 +11,9 @@
 //   blocks beyond rows/cols are ignored (never read into a result) and dW writes
 //   exact zeros there.
 //
-//   bsmm_dsd:  y  (M, rows) = x (M, cols) @ W.T (+ bias (rows,))   CSR walk
-//   bsmm_dds:  dx (M, cols) = dy (M, rows) @ W                      CSC walk, no atomics
-//   bsmm_sdd:  dv (nnz, b, b), dv[k] = dy[:, rows of k].T @ x[:, cols of k]
+//   linear_forward:  y  (M, rows) = x (M, cols) @ W.T (+ bias (rows,))   CSR walk
+//   linear_grad_input:  dx (M, cols) = dy (M, rows) @ W                      CSC walk, no atomics
+//   linear_grad_weight:  dv (nnz, b, b), dv[k] = dy[:, rows of k].T @ x[:, cols of k]
 //              deterministic split-K over the tokens M (fp32 partials in a
 //              caller-provided workspace, then a fixed-order reduction pass)
 //
@@ -43,7 +43,7 @@ inline bool bsmm_block_is_valid(int block) noexcept {
   return block == 16 || block == 32 || block == 64 || block == 128;
 }
 
-// bsmm_dsd and bsmm_dds share one argument set.
+// linear_forward and linear_grad_input share one argument set.
 //   dsd: a = x (M, cols), ptr = row_ptr (R+1), idx = col_idx (nnz), perm unused,
 //        out = y (M, rows), bias = (rows,) or null.
 //   dds: a = dy (M, rows), ptr = col_ptr (C+1), idx = row_idx (nnz), perm (nnz),
@@ -67,8 +67,8 @@ struct BsmmDsdArgs {
   bool tf32 = false;
 };
 
-void bsmm_dsd(const BsmmDsdArgs& args, std::uintptr_t stream, int device);
-void bsmm_dds(const BsmmDsdArgs& args, std::uintptr_t stream, int device);
+void linear_forward(const BsmmDsdArgs& args, std::uintptr_t stream, int device);
+void linear_grad_input(const BsmmDsdArgs& args, std::uintptr_t stream, int device);
 
 struct BsmmSddArgs {
   const void* dy = nullptr;  // (M, rows)
@@ -78,7 +78,7 @@ struct BsmmSddArgs {
   const std::int32_t* block_row = nullptr;  // (nnz,)
   const std::int32_t* col_idx = nullptr;    // (nnz,)
   void* out = nullptr;                      // (nnz, b, b), contiguous
-  float* workspace = nullptr;               // >= bsmm_sdd_workspace_numel(splits, nnz, b) floats
+  float* workspace = nullptr;               // >= linear_grad_weight_workspace_numel(splits, nnz, b) floats
   std::int64_t workspace_numel = 0;
   std::int64_t M = 0;
   std::int64_t rows = 0;
@@ -90,18 +90,18 @@ struct BsmmSddArgs {
   int splits = 1;  // token splits (split-K); 1 writes `out` directly
 };
 
-void bsmm_sdd(const BsmmSddArgs& args, std::uintptr_t stream, int device);
+void linear_grad_weight(const BsmmSddArgs& args, std::uintptr_t stream, int device);
 
 // Largest accepted `splits`.
 constexpr int kBsmmSddMaxSplits = 1024;
 
-// The split count bsmm_sdd uses by default: a function of the shape only (not
+// The split count linear_grad_weight uses by default: a function of the shape only (not
 // of the GPU), so that results are bit-identical for a given shape: enough
 // CTAs to fill a large GPU when few blocks are live, at least 512 tokens per
 // split, at most 128 splits.
-int bsmm_sdd_default_splits(std::int64_t M, std::int64_t nnz, int block) noexcept;
+int linear_grad_weight_default_splits(std::int64_t M, std::int64_t nnz, int block) noexcept;
 
-// fp32 elements of workspace bsmm_sdd needs for `splits` (0 when splits <= 1).
-std::int64_t bsmm_sdd_workspace_numel(int splits, std::int64_t nnz, int block) noexcept;
+// fp32 elements of workspace linear_grad_weight needs for `splits` (0 when splits <= 1).
+std::int64_t linear_grad_weight_workspace_numel(int splits, std::int64_t nnz, int block) noexcept;
 
 }  // namespace set_kernels

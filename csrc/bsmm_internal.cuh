@@ -9,7 +9,7 @@
 namespace set_kernels {
 namespace bsmm {
 
-// Kernel arguments of bsmm_dsd / bsmm_dds (passed by value to the kernel).
+// Kernel arguments of linear_forward / linear_grad_input (passed by value to the kernel).
 //   out[m, ob*b + n] = sum over live blocks e of output block ob:
 //       sum_k a[m, idx[e]*b + k] * Wt[e](k, n)   (+ bias[ob*b + n])
 //   dsd: ob = block row, Wt[e](k, n) = values[e][n][k]        (W.T)
@@ -30,7 +30,7 @@ struct DsdParams {
   int split3;            // fp32 only: 1 = 3xTF32, 0 = one TF32 pass
 };
 
-// Kernel arguments of bsmm_sdd.
+// Kernel arguments of linear_grad_weight.
 struct SddParams {
   const void* dy;
   std::int64_t lddy;

@@ -9,9 +9,9 @@
 //                   (wgmma + TMA) behind the same launcher (see bsmm_internal.cuh).
 //   StageLoader     guarded, coalesced global -> register -> shared copies of one
 //                   operand tile, with zero fill outside the valid region.
-//   dsd_kernel      bsmm_dsd and bsmm_dds (the same loop over one output block row /
+//   dsd_kernel      linear_forward and linear_grad_input (the same loop over one output block row /
 //                   column; dds reads W through the CSC index, so there are no atomics).
-//   sdd_kernel      bsmm_sdd over (live block, output sub-tile, token split).
+//   sdd_kernel      linear_grad_weight over (live block, output sub-tile, token split).
 //   sdd_reduce      fixed-order sum of the split-K partials (deterministic).
 //
 // Edge handling: every global load is guarded; operand elements outside the matrix
@@ -43,9 +43,9 @@ namespace bsmm {
 namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 128;  // 4 warps per CTA, for every kernel here
-constexpr const char* kDsdName = "set_kernels._C.bsmm_dsd";
-constexpr const char* kDdsName = "set_kernels._C.bsmm_dds";
-constexpr const char* kSddName = "set_kernels._C.bsmm_sdd";
+constexpr const char* kDsdName = "set_kernels._C.linear_forward";
+constexpr const char* kDdsName = "set_kernels._C.linear_grad_input";
+constexpr const char* kSddName = "set_kernels._C.linear_grad_weight";
 
 // ---- element conversions --------------------------------------------------------------
 template <typename T>
@@ -296,7 +296,7 @@ struct StageLoader {
   }
 };
 
-// ---- bsmm_dsd / bsmm_dds ----------------------------------------------------------------
+// ---- linear_forward / linear_grad_input ----------------------------------------------------------------
 // CTA: 64 tokens x BN output columns of one output block (row for dsd, column for dds);
 // b = 128 uses two 64-wide sub-tiles.  K walks the live blocks of the output block, BK at a time.
 template <typename T, int B, bool kDds>
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kThreads) dsd_kernel(const DsdParams p) {
   }
 }
 
-// ---- bsmm_sdd -----------------------------------------------------------------------------
+// ---- linear_grad_weight -----------------------------------------------------------------------------
 // CTA: one BI x BI sub-tile of one live block's gradient, over one token split; K = tokens.
 // b = 16 has a single 16x16 fragment per tile, so its 4 warps split K instead (WK = 4).
 template <typename T, int B>
@@ -552,7 +552,7 @@ void launch_dsd_block(const DsdParams& p, cudaStream_t stream) {
   if (gx > 0x7fffffffLL) throw std::invalid_argument(std::string(op) + ": too many output blocks");
   const dim3 grid(static_cast<unsigned>(gx), grid_y_for(m_tiles));
   dsd_kernel<T, B, kDds><<<grid, kThreads, 0, stream>>>(p);
-  check_launch(op, std::string(kDds ? "bsmm_dds" : "bsmm_dsd") + "_kernel<" + DTypeName<T>::value +
+  check_launch(op, std::string(kDds ? "linear_grad_input" : "linear_forward") + "_kernel<" + DTypeName<T>::value +
                        ", b=" + std::to_string(B) + ">");
 }
 
@@ -575,13 +575,13 @@ void launch_sdd_block(const SddParams& p, cudaStream_t stream) {
   if (gx > 0x7fffffffLL) throw std::invalid_argument(std::string(kSddName) + ": nnz is too large");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(p.splits));
   sdd_kernel<T, B><<<grid, kThreads, 0, stream>>>(p);
-  check_launch(kSddName, std::string("bsmm_sdd_kernel<") + DTypeName<T>::value + ", b=" + std::to_string(B) + ">");
+  check_launch(kSddName, std::string("linear_grad_weight_kernel<") + DTypeName<T>::value + ", b=" + std::to_string(B) + ">");
   if (p.splits > 1) {
     const std::int64_t total = p.nnz * B * B;
     const std::int64_t blocks = (total + 255) / 256;
     const unsigned rg = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
     sdd_reduce_kernel<T><<<rg, 256, 0, stream>>>(p, B);
-    check_launch(kSddName, std::string("bsmm_sdd_reduce_kernel<") + DTypeName<T>::value + ">");
+    check_launch(kSddName, std::string("linear_grad_weight_reduce_kernel<") + DTypeName<T>::value + ">");
   }
 }
 

@@ -1,4 +1,4 @@
-// Instantiates the sm_80 bsmm_dsd / bsmm_dds kernels for __half (block sizes 16, 32, 64, 128).
+// Instantiates the sm_80 linear_forward / linear_grad_input kernels for __half (block sizes 16, 32, 64, 128).
 // One dtype and op family per file keeps each nvcc job small and lets the build run in parallel.
 #include "bsmm_sm80.cuh"
 

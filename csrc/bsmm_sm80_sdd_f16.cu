@@ -1,4 +1,4 @@
-// Instantiates the sm_80 bsmm_sdd kernels (and the split-K reduction) for __half
+// Instantiates the sm_80 linear_grad_weight kernels (and the split-K reduction) for __half
 // (block sizes 16, 32, 64, 128).
 #include "bsmm_sm80.cuh"
 

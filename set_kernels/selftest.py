@@ -4,8 +4,8 @@ For each device here (``cuda`` when torch sees a GPU, then ``cpu``) and each bac
 it (compiled ones first), every op runs on small odd shapes for each dtype and block size the
 backend supports:
 
-* ``fwd``, ``dX``, ``dW``: one ``block_sparse_linear`` forward and its backward (``bsmm_dsd``,
-  ``bsmm_dds``, ``bsmm_sdd``), on a random layout of density 0.5 whose edge blocks are partial,
+* ``fwd``, ``dX``, ``dW``: one ``block_sparse_linear`` forward and its backward (``linear_forward``,
+  ``linear_grad_input``, ``linear_grad_weight``), on a random layout of density 0.5 whose edge blocks are partial,
   with ``values`` set to NaN past the matrix edge (a kernel must not read them) and every
   Python-side allocation NaN-filled while the op runs, so an output element left unwritten shows
   up as a non-finite result;
@@ -47,7 +47,7 @@ from .layout import BlockSparseLayout
 BLOCK_SIZES = (1, 16, 32, 64, 128)
 QUICK_BLOCK_SIZES = (1, 32)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-MATMUL_OPS = {"fwd": "bsmm_dsd", "dX": "bsmm_dds", "dW": "bsmm_sdd"}
+MATMUL_OPS = {"fwd": "linear_forward", "dX": "linear_grad_input", "dW": "linear_grad_weight"}
 ADAM_OPS = ("adam", "adamw")
 DENSITY = 0.5
 # Relative bounds (error over the reference's largest magnitude) where no torch comparison is used.

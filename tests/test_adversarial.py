@@ -15,7 +15,7 @@ from conftest import REQUIRED_CPU_BACKENDS, assert_close_scaled, gen, linear_ref
 
 BSL = sk.BlockSparseLayout
 OPS = torch.ops.set_kernels
-KERNELS = ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+KERNELS = ("linear_forward", "linear_grad_input", "linear_grad_weight", "masked_adam_")
 
 
 @pytest.fixture
@@ -185,9 +185,9 @@ def test_raw_ops_reject_bad_index_before_kernel(backend, case, no_kernel):
     name, index, exc = _corruptions(layout)[case]
     rows, cols = SHAPE
     calls = [
-        lambda: OPS.bsmm_dsd(x, values, index, None, rows, cols, B, backend),
-        lambda: OPS.bsmm_dds(dy, values, index, rows, cols, B, backend),
-        lambda: OPS.bsmm_sdd(dy, x, index, rows, cols, B, backend),
+        lambda: OPS.linear_forward(x, values, index, None, rows, cols, B, backend),
+        lambda: OPS.linear_grad_input(dy, values, index, rows, cols, B, backend),
+        lambda: OPS.linear_grad_weight(dy, x, index, rows, cols, B, backend),
         lambda: OPS.to_dense(values, index, rows, cols, B),
         lambda: OPS.from_dense(randn(rows, cols, seed=4), index, rows, cols, B),
     ]

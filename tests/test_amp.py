@@ -15,7 +15,7 @@ from conftest import dense_ref, gen, randn
 CPU = torch.device("cpu")
 
 
-def _backends_for(device, dtype, op="bsmm_dsd"):
+def _backends_for(device, dtype, op="linear_forward"):
     names = [n for n in backends.BACKENDS if not backends.unsupported_reasons(n, op, device, dtype)]
     assert "torch" in names, "the torch backend must run every float dtype"
     return names

@@ -97,8 +97,8 @@ def _adam_kwargs(**overrides):
 def test_extension_built_and_imports(C):
     assert Path(C.__file__).resolve().parent.name == "set_kernels"
     assert (C.DTYPE_FLOAT32, C.DTYPE_FLOAT16, C.DTYPE_BFLOAT16) == (0, 1, 2)
-    for name in ("masked_adam", "bsmm_dsd", "bsmm_dds", "bsmm_sdd", "bsmm_sdd_splits",
-                 "bsmm_sdd_workspace_numel", "cuda_device_count", "cuda_device_error", "compiled_archs",
+    for name in ("masked_adam", "linear_forward", "linear_grad_input", "linear_grad_weight", "linear_grad_weight_splits",
+                 "linear_grad_weight_workspace_numel", "cuda_device_count", "cuda_device_error", "compiled_archs",
                  "cuda_runtime_version", "cuda_driver_version"):
         assert callable(getattr(C, name)), name
 
@@ -197,7 +197,7 @@ def test_binding_rejects_wrong_types(C):
 def test_backend_module_surface(cuda_backend):
     assert cuda_backend.NAME == "cuda"
     assert cuda_backend.SUPPORTED_DTYPES == (torch.float32, torch.float16, torch.bfloat16)
-    assert cuda_backend.SUPPORTED_OPS == ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+    assert cuda_backend.SUPPORTED_OPS == ("linear_forward", "linear_grad_input", "linear_grad_weight", "masked_adam_")
     for op in cuda_backend.SUPPORTED_OPS:
         assert callable(getattr(cuda_backend, op)), op
     ok, reason = cuda_backend.availability()

@@ -22,7 +22,7 @@ def _cpu_backends() -> list[str]:
     """Required CPU backends, plus any other backend that can run on CPU tensors here."""
     names = list(REQUIRED_CPU_BACKENDS)
     for name in backends.BACKENDS:
-        if name not in names and not backends.unsupported_reasons(name, "bsmm_dsd", torch.device("cpu"),
+        if name not in names and not backends.unsupported_reasons(name, "linear_forward", torch.device("cpu"),
                                                                   torch.float32):
             names.append(name)
     return names
@@ -100,7 +100,7 @@ def test_explain_reports_no_graph_break_cold(backend, monkeypatch):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     op_names = [str(op) for ops in explanation.ops_per_graph for op in ops]
-    assert sum("set_kernels.bsmm_dsd" in n for n in op_names) == 2, op_names
+    assert sum("set_kernels.linear_forward" in n for n in op_names) == 2, op_names
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -167,7 +167,7 @@ def test_compiled_functional_op_backend_error_keeps_its_type():
 def test_fullgraph_cuda(backend):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    reasons = backends.unsupported_reasons(backend, "bsmm_dsd", torch.device("cuda"), torch.float32)
+    reasons = backends.unsupported_reasons(backend, "linear_forward", torch.device("cuda"), torch.float32)
     if reasons:
         pytest.skip(f"backend {backend!r} cannot run on cuda: {'; '.join(reasons)}")
     model = make_model(backend, device="cuda")

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend's block-sparse matmuls (``_C.bsmm_dsd / bsmm_dds / bsmm_sdd``) and its
+"""The ``cuda`` backend's block-sparse matmuls (``_C.linear_forward / linear_grad_input / linear_grad_weight``) and its
 dispatch, plus masked Adam against the torch backend on the GPU.
 
 * Without a GPU (CI here): the bindings reject bad arguments *before* any CUDA call, naming the
@@ -25,7 +25,7 @@ from set_kernels.layout import BlockSparseLayout as BSL
 
 HAS_TORCH_CUDA = torch.cuda.is_available()
 FAKE = 0x10000  # a plausible non-null address; never dereferenced (the checks fail first)
-OPS = ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+OPS = ("linear_forward", "linear_grad_input", "linear_grad_weight", "masked_adam_")
 
 
 def _nvcc_available() -> bool:
@@ -77,7 +77,7 @@ def _sdd_kwargs(**kw):
     return d
 
 
-_KWARGS = {"bsmm_dsd": _dsd_kwargs, "bsmm_dds": _dds_kwargs, "bsmm_sdd": _sdd_kwargs}
+_KWARGS = {"linear_forward": _dsd_kwargs, "linear_grad_input": _dds_kwargs, "linear_grad_weight": _sdd_kwargs}
 
 COMMON_BAD = [
     (dict(dtype=7), ["dtype", "7"]),
@@ -95,19 +95,19 @@ COMMON_BAD = [
     (dict(device=-2), ["device"]),
 ]
 PER_OP_BAD = {
-    "bsmm_dsd": [
+    "linear_forward": [
         (dict(x=0), ["x", "null"]), (dict(y=0), ["y", "null"]), (dict(values=0), ["values", "null"]),
         (dict(row_ptr=0), ["row_ptr", "null"]), (dict(col_idx=0), ["col_idx", "null"]),
         (dict(x=-8), ["x", "negative"]), (dict(bias=-8), ["bias", "negative"]),
         (dict(ldx=79), ["ldx=79", "x"]), (dict(ldy=-1), ["ldy", "y"]),
     ],
-    "bsmm_dds": [
+    "linear_grad_input": [
         (dict(dy=0), ["dy", "null"]), (dict(dx=0), ["dx", "null"]), (dict(values=0), ["values", "null"]),
         (dict(col_ptr=0), ["col_ptr", "null"]), (dict(row_idx=0), ["row_idx", "null"]),
         (dict(perm=0), ["perm", "null"]), (dict(perm=-4), ["perm", "negative"]),
         (dict(lddy=69), ["lddy=69", "dy"]), (dict(lddx=79), ["lddx=79", "dx"]),
     ],
-    "bsmm_sdd": [
+    "linear_grad_weight": [
         (dict(dy=0), ["dy", "null"]), (dict(x=0), ["x", "null"]), (dict(out=0), ["out", "null"]),
         (dict(block_row=0), ["block_row", "null"]), (dict(col_idx=0), ["col_idx", "null"]),
         (dict(workspace=0), ["workspace", "null"]), (dict(workspace=-1), ["workspace", "negative"]),
@@ -135,7 +135,7 @@ def test_binding_rejects_bad_arguments(C, op, overrides, names):
 def test_binding_rejects_wrong_types(C, op):
     with pytest.raises(TypeError):
         getattr(C, op)(**_KWARGS[op](M=1.5))
-    pointer = "x" if op == "bsmm_sdd" else "values"
+    pointer = "x" if op == "linear_grad_weight" else "values"
     with pytest.raises(TypeError):
         getattr(C, op)(**_KWARGS[op](**{pointer: "abc"}))
 
@@ -146,33 +146,33 @@ def test_binding_valid_arguments_reach_the_device_check(C, no_gpu, op):
     with pytest.raises(RuntimeError, match=rf"set_kernels\._C\.{op}: no CUDA device available"):
         getattr(C, op)(**_KWARGS[op]())
     # nulls are fine for empty tensors (no tokens): still only the device check (or nothing to do)
-    if op == "bsmm_sdd":
+    if op == "linear_grad_weight":
         with pytest.raises(RuntimeError, match="no CUDA device available"):
-            C.bsmm_sdd(**_sdd_kwargs(dy=0, x=0, M=0, workspace=0, workspace_numel=0))
+            C.linear_grad_weight(**_sdd_kwargs(dy=0, x=0, M=0, workspace=0, workspace_numel=0))
     else:
         assert getattr(C, op)(**_KWARGS[op](M=0, **{k: 0 for k in ("x", "y", "dy", "dx") if k in _KWARGS[op]()})) is None
 
 
 def test_sdd_split_helpers(C):
     assert C.BSMM_BLOCK_SIZES == (16, 32, 64, 128)
-    assert C.bsmm_sdd_splits(0, 10, 32) == 1
-    assert C.bsmm_sdd_splits(100, 0, 32) == 1
-    assert C.bsmm_sdd_splits(100, 4, 32) == 1  # too few tokens to split
-    assert C.bsmm_sdd_splits(10_000, 1, 64) == 20  # ceil(10000 / 512) tokens-bound
-    assert C.bsmm_sdd_splits(10**7, 1, 16) == 128  # capped
-    assert C.bsmm_sdd_splits(10**7, 4096, 64) == 1  # enough blocks: no split
+    assert C.linear_grad_weight_splits(0, 10, 32) == 1
+    assert C.linear_grad_weight_splits(100, 0, 32) == 1
+    assert C.linear_grad_weight_splits(100, 4, 32) == 1  # too few tokens to split
+    assert C.linear_grad_weight_splits(10_000, 1, 64) == 20  # ceil(10000 / 512) tokens-bound
+    assert C.linear_grad_weight_splits(10**7, 1, 16) == 128  # capped
+    assert C.linear_grad_weight_splits(10**7, 4096, 64) == 1  # enough blocks: no split
     for M, nnz, b in [(3000, 7, 16), (70, 3, 128), (10**6, 33, 32)]:
-        s = C.bsmm_sdd_splits(M, nnz, b)
+        s = C.linear_grad_weight_splits(M, nnz, b)
         assert 1 <= s <= C.BSMM_SDD_MAX_SPLITS
-        assert s == C.bsmm_sdd_splits(M, nnz, b)  # a function of the shape only
-    assert C.bsmm_sdd_workspace_numel(1, 10, 32) == 0
-    assert C.bsmm_sdd_workspace_numel(3, 10, 32) == 3 * 10 * 32 * 32
+        assert s == C.linear_grad_weight_splits(M, nnz, b)  # a function of the shape only
+    assert C.linear_grad_weight_workspace_numel(1, 10, 32) == 0
+    assert C.linear_grad_weight_workspace_numel(3, 10, 32) == 3 * 10 * 32 * 32
 
 
 def test_triton_sdd_split_depends_on_the_shape_only(monkeypatch):
     """Both GPU backends choose dW's split-K from the shape alone: the Triton rule is applied with
     a fixed SM count, whatever the device reports (its split count changes the bits)."""
-    triton_sdd = pytest.importorskip("set_kernels.backends.triton.bsmm_sdd", exc_type=ImportError)
+    triton_sdd = pytest.importorskip("set_kernels.backends.triton.linear_grad_weight", exc_type=ImportError)
     from set_kernels.backends.triton import _common
 
     seen = []
@@ -187,7 +187,7 @@ def test_triton_sdd_split_depends_on_the_shape_only(monkeypatch):
     results = []
     for sms in (4, 108, 132, 1000):
         monkeypatch.setattr(_common, "num_sms", lambda device, _n=sms: _n)
-        results.append(triton_sdd.bsmm_sdd(dy, x, lay.block_row, lay.col_idx, 40, 40, 16))
+        results.append(triton_sdd.linear_grad_weight(dy, x, lay.block_row, lay.col_idx, 40, 40, 16))
     assert seen == [triton_sdd.SPLIT_SMS] * 4
     assert all(torch.equal(r, results[0]) for r in results)
 
@@ -213,7 +213,7 @@ def test_backend_cuda_raises_clearly_for_every_op(C, no_gpu):
         with pytest.raises(RuntimeError, match=rf"backend='cuda' cannot run {op} .*no CUDA device"):
             backends.resolve("cuda", op, torch.device("cpu"), torch.float32)
     layout, values, x = _small_problem()
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run bsmm_dsd.*no CUDA device"):
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run linear_forward.*no CUDA device"):
         sk.ops.block_sparse_linear(x, values, layout, backend="cuda")
     p = torch.zeros(4)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run masked_adam_.*no CUDA device"):
@@ -226,10 +226,10 @@ def test_backend_functions_raise_without_gpu(C, no_gpu):
     cuda = importlib.import_module("set_kernels.backends.cuda")
     layout, values, x = _small_problem()
     calls = {
-        "bsmm_dsd": lambda: cuda.bsmm_dsd(x, values, layout.row_ptr, layout.col_idx, None, 40, 50, 16),
-        "bsmm_dds": lambda: cuda.bsmm_dds(randn(3, 40), values, layout.col_ptr, layout.row_idx, layout.perm,
+        "linear_forward": lambda: cuda.linear_forward(x, values, layout.row_ptr, layout.col_idx, None, 40, 50, 16),
+        "linear_grad_input": lambda: cuda.linear_grad_input(randn(3, 40), values, layout.col_ptr, layout.row_idx, layout.perm,
                                           40, 50, 16),
-        "bsmm_sdd": lambda: cuda.bsmm_sdd(randn(3, 40), x, layout.block_row, layout.col_idx, 40, 50, 16),
+        "linear_grad_weight": lambda: cuda.linear_grad_weight(randn(3, 40), x, layout.block_row, layout.col_idx, 40, 50, 16),
     }
     for op, call in calls.items():
         with pytest.raises(RuntimeError, match="set_kernels cuda backend unavailable: no CUDA device"):
@@ -298,9 +298,9 @@ def _run_all(cuda, layout, values, x, dy, bias, dev, **sdd_kw):
     lay = layout.to(dev)
     v, xd, dyd = values.to(dev), x.to(dev), dy.to(dev)
     bd = bias.to(dev) if bias is not None else None
-    y = cuda.bsmm_dsd(xd, v, lay.row_ptr, lay.col_idx, bd, rows, cols, b)
-    dx = cuda.bsmm_dds(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
-    dv = cuda.bsmm_sdd(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, **sdd_kw)
+    y = cuda.linear_forward(xd, v, lay.row_ptr, lay.col_idx, bd, rows, cols, b)
+    dx = cuda.linear_grad_input(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
+    dv = cuda.linear_grad_weight(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, **sdd_kw)
     torch.cuda.synchronize()
     return y, dx, dv
 
@@ -324,9 +324,9 @@ def test_gpu_ops_match_float64_reference(cuda, poison_alloc, dtype, b, density):
     own_y = torch.nn.functional.linear(x.to(dev), wd, bias.to(dev))
     own_dx = dy.to(dev) @ wd
     own_dv = blocks_ref((dy.to(dev).T @ x.to(dev)).cpu(), layout).to(dtype)
-    _check("bsmm_dsd", y, ref_y, own_y, dtype)
-    _check("bsmm_dds", dx, ref_dx, own_dx, dtype)
-    _check("bsmm_sdd", dv, ref_dv, own_dv, dtype)
+    _check("linear_forward", y, ref_y, own_y, dtype)
+    _check("linear_grad_input", dx, ref_dx, own_dx, dtype)
+    _check("linear_grad_weight", dv, ref_dv, own_dv, dtype)
     outside = ~edge_mask_ref(layout)
     assert torch.equal(dv.cpu()[outside], torch.zeros_like(dv.cpu()[outside])), "dW past the edge is not exactly 0"
     if density == 0.0:
@@ -345,7 +345,7 @@ def test_gpu_ops_are_deterministic(cuda, dtype, b):
     M = 2500
     values = randn(layout.nnz_blocks, b, b, seed=6).to(dtype)
     x, dy = randn(M, cols, seed=7).to(dtype), randn(M, rows, seed=8).to(dtype)
-    assert cuda._load_ext().bsmm_sdd_splits(M, layout.nnz_blocks, b) > 1, "the test must exercise split-K"
+    assert cuda._load_ext().linear_grad_weight_splits(M, layout.nnz_blocks, b) > 1, "the test must exercise split-K"
     first = _run_all(cuda, layout, values, x, dy, None, dev)
     second = _run_all(cuda, layout, values, x, dy, None, dev)
     for a, c in zip(first, second):
@@ -365,11 +365,11 @@ def test_gpu_sdd_split_k_matches_reference(cuda, poison_alloc, dtype):
     lay = layout.to("cuda")
     results = []
     for splits in (1, 3, 7, 40):
-        dv = cuda.bsmm_sdd(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, 100, 70, b, splits=splits)
+        dv = cuda.linear_grad_weight(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, 100, 70, b, splits=splits)
         torch.cuda.synchronize()
-        _check(f"bsmm_sdd splits={splits}", dv, ref, own, dtype)
+        _check(f"linear_grad_weight splits={splits}", dv, ref, own, dtype)
         results.append(dv)
-    again = cuda.bsmm_sdd(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, 100, 70, b, splits=7)
+    again = cuda.linear_grad_weight(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, 100, 70, b, splits=7)
     assert torch.equal(again, results[2])
 
 
@@ -384,14 +384,14 @@ def test_gpu_token_counts_and_row_strides(cuda, poison_alloc, M):
     x, dy = x_wide[:, 3:3 + cols], dy_wide[:, :rows]
     assert M == 1 or (x.stride(0) != cols and dy.stride(0) != rows)
     lay = layout.to("cuda")
-    y = cuda.bsmm_dsd(x, values, lay.row_ptr, lay.col_idx, None, rows, cols, b)
-    dx = cuda.bsmm_dds(dy, values, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
-    dv = cuda.bsmm_sdd(dy, x, lay.block_row, lay.col_idx, rows, cols, b)
+    y = cuda.linear_forward(x, values, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+    dx = cuda.linear_grad_input(dy, values, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
+    dv = cuda.linear_grad_weight(dy, x, lay.block_row, lay.col_idx, rows, cols, b)
     w = dense_ref(values.cpu(), layout)
     x64, dy64 = x.cpu().double(), dy.cpu().double()
-    assert_close_scaled(y.cpu(), x64 @ w.T, FP32_REL, "bsmm_dsd")
-    assert_close_scaled(dx.cpu(), dy64 @ w, FP32_REL, "bsmm_dds")
-    assert_close_scaled(dv.cpu(), blocks_ref(dy64.T @ x64, layout), FP32_REL, "bsmm_sdd")
+    assert_close_scaled(y.cpu(), x64 @ w.T, FP32_REL, "linear_forward")
+    assert_close_scaled(dx.cpu(), dy64 @ w, FP32_REL, "linear_grad_input")
+    assert_close_scaled(dv.cpu(), blocks_ref(dy64.T @ x64, layout), FP32_REL, "linear_grad_weight")
 
 
 @pytest.mark.gpu
@@ -407,13 +407,13 @@ def test_gpu_tf32_mode(cuda, monkeypatch):
     errs = {}
     for mode in ("3xtf32", "tf32"):
         monkeypatch.setattr(cuda, "FP32_MATMUL", mode)
-        y = cuda.bsmm_dsd(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, bias.cuda(), rows, cols, b)
+        y = cuda.linear_forward(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, bias.cuda(), rows, cols, b)
         errs[mode] = (y.cpu().double() - ref).abs().max().item() / ref.abs().max().item()
     assert errs["3xtf32"] <= FP32_REL, errs
     assert errs["tf32"] <= 5e-3, errs
     monkeypatch.setattr(cuda, "FP32_MATMUL", "fp64")
     with pytest.raises(ValueError, match="FP32_MATMUL"):
-        cuda.bsmm_dsd(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        cuda.linear_forward(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
 
 
 @pytest.mark.gpu
@@ -459,17 +459,17 @@ def test_gpu_runs_on_current_stream(cuda):
             torch.cuda._sleep(SLEEP_CYCLES)
             for dst, src in zip(stale, fresh):
                 dst.copy_(src)
-            y = cuda.bsmm_dsd(xd, v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
-            dx = cuda.bsmm_dds(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
-            dv = cuda.bsmm_sdd(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, splits=3)  # + the reduce pass
+            y = cuda.linear_forward(xd, v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+            dx = cuda.linear_grad_input(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
+            dv = cuda.linear_grad_weight(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, splits=3)  # + the reduce pass
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     w = dense_ref(values, layout)
-    assert_close_scaled(y.cpu(), x.double() @ w.T, FP32_REL, "bsmm_dsd on a busy side stream")
-    assert_close_scaled(dx.cpu(), dy.double() @ w, FP32_REL, "bsmm_dds on a busy side stream")
+    assert_close_scaled(y.cpu(), x.double() @ w.T, FP32_REL, "linear_forward on a busy side stream")
+    assert_close_scaled(dx.cpu(), dy.double() @ w, FP32_REL, "linear_grad_input on a busy side stream")
     assert_close_scaled(dv.cpu(), blocks_ref(dy.double().T @ x.double(), layout), FP32_REL,
-                        "bsmm_sdd (split) on a busy side stream")
+                        "linear_grad_weight (split) on a busy side stream")
 
 
 @pytest.mark.gpu
@@ -484,9 +484,9 @@ def test_gpu_ops_capture_in_a_cuda_graph(cuda):
     v, xd, dyd, bd = (t.cuda() for t in (values, x, dy, bias))
 
     def step():
-        return (cuda.bsmm_dsd(xd, v, lay.row_ptr, lay.col_idx, bd, rows, cols, b),
-                cuda.bsmm_dds(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b),
-                cuda.bsmm_sdd(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, splits=2))
+        return (cuda.linear_forward(xd, v, lay.row_ptr, lay.col_idx, bd, rows, cols, b),
+                cuda.linear_grad_input(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b),
+                cuda.linear_grad_weight(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, splits=2))
 
     warm = torch.cuda.Stream()
     warm.wait_stream(torch.cuda.current_stream())
@@ -510,14 +510,14 @@ def test_gpu_ops_capture_in_a_cuda_graph(cuda):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["bsmm_dsd", "bsmm_sdd"])
+@pytest.mark.parametrize("op", ["linear_forward", "linear_grad_weight"])
 def test_gpu_fp32_long_reductions_stay_within_the_bound(cuda, op):
     """3xTF32 over K of 4,000 to 16,000: the per-tile promotion keeps the tensor cores' own
     accumulation (which may truncate) from piling up over a long reduction; the bound is the
     short-K one, FP32_REL. Emulated with truncating accumulation and no promotion, the error
     would be ~4e-5 at K = 4096 and ~1e-4 at 16384 (csrc/bsmm_sm80.cuh)."""
     b = 64
-    if op == "bsmm_dsd":  # K = cols: one output block row of 64 live blocks
+    if op == "linear_forward":  # K = cols: one output block row of 64 live blocks
         rows, cols, M = 64, 64 * 64, 256
     else:  # K = tokens, one split (no split-K to shorten it)
         rows, cols, M = 64, 64, 16384
@@ -525,13 +525,13 @@ def test_gpu_fp32_long_reductions_stay_within_the_bound(cuda, op):
     values = randn(layout.nnz_blocks, b, b, seed=72)
     x, dy = randn(M, cols, seed=73), randn(M, rows, seed=74)
     lay = layout.to("cuda")
-    if op == "bsmm_dsd":
-        got = cuda.bsmm_dsd(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
+    if op == "linear_forward":
+        got = cuda.linear_forward(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
         ref = x.double() @ dense_ref(values, layout).T
     else:
-        got = cuda.bsmm_sdd(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, rows, cols, b, splits=1)
+        got = cuda.linear_grad_weight(dy.cuda(), x.cuda(), lay.block_row, lay.col_idx, rows, cols, b, splits=1)
         ref = blocks_ref(dy.double().T @ x.double(), layout)
-    assert_close_scaled(got.cpu(), ref, FP32_REL, f"{op}, K = {cols if op == 'bsmm_dsd' else M}")
+    assert_close_scaled(got.cpu(), ref, FP32_REL, f"{op}, K = {cols if op == 'linear_forward' else M}")
 
 
 @pytest.mark.gpu
@@ -559,17 +559,17 @@ def test_gpu_rejects_bad_tensors(cuda):
     rows, cols = layout.shape
     v, xd = values.cuda(), x.cuda()
     with pytest.raises(ValueError, match="x: the cuda backend needs CUDA tensors"):
-        cuda.bsmm_dsd(x, v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        cuda.linear_forward(x, v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
     with pytest.raises(TypeError, match="values: expected dtype"):
-        cuda.bsmm_dsd(xd, v.half(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        cuda.linear_forward(xd, v.half(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
     with pytest.raises(TypeError, match="row_ptr: expected an int32"):
-        cuda.bsmm_dsd(xd, v, lay.row_ptr.long(), lay.col_idx, None, rows, cols, b)
+        cuda.linear_forward(xd, v, lay.row_ptr.long(), lay.col_idx, None, rows, cols, b)
     with pytest.raises(ValueError, match="x: expected shape"):
-        cuda.bsmm_dsd(xd[:, :-1], v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        cuda.linear_forward(xd[:, :-1], v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
     with pytest.raises(ValueError, match="block_size"):
-        cuda.bsmm_dsd(xd, v, lay.row_ptr, lay.col_idx, None, rows, cols, 8)
+        cuda.linear_forward(xd, v, lay.row_ptr, lay.col_idx, None, rows, cols, 8)
     with pytest.raises(TypeError, match="x: the cuda backend supports"):
-        cuda.bsmm_dsd(xd.double(), v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        cuda.linear_forward(xd.double(), v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
 
 
 # ---------------------------------------------------------------------------------- masked Adam (GPU)

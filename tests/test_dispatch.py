@@ -66,7 +66,7 @@ def test_auto_on_cpu(op, dtype, expected):
 @pytest.mark.parametrize("dtype,expected", [(torch.float32, "numba"), (torch.bfloat16, "torch")])
 def test_auto_calls_the_chosen_backend(spy, dtype, expected):
     other = "torch" if expected == "numba" else "numba"
-    calls = {name: {op: spy(name, op) for op in ("bsmm_dsd", "bsmm_dds", "bsmm_sdd")} for name in (expected, other)}
+    calls = {name: {op: spy(name, op) for op in ("linear_forward", "linear_grad_input", "linear_grad_weight")} for name in (expected, other)}
     layout, values, x = small_problem(dtype)
     sk.ops.block_sparse_linear(x, values, layout).sum().backward()
     assert all(len(c) == 1 for c in calls[expected].values()), calls
@@ -85,7 +85,7 @@ def test_auto_masked_adam_calls_numba_for_fp32(spy):
 @pytest.mark.parametrize("name", REQUIRED_CPU_BACKENDS)
 def test_backend_argument_forces(spy, name):
     other = "torch" if name == "numba" else "numba"
-    chosen, not_chosen = spy(name, "bsmm_dsd"), spy(other, "bsmm_dsd")
+    chosen, not_chosen = spy(name, "linear_forward"), spy(other, "linear_forward")
     layout, values, x = small_problem(torch.float32)
     sk.ops.block_sparse_linear(x, values, layout, backend=name)
     assert len(chosen) == 1 and len(not_chosen) == 0
@@ -95,7 +95,7 @@ def test_backend_argument_forces(spy, name):
 def test_env_var_overrides_auto(spy, monkeypatch, name):
     other = "torch" if name == "numba" else "numba"
     monkeypatch.setenv(ENV, name)
-    chosen, not_chosen = spy(name, "bsmm_dsd"), spy(other, "bsmm_dsd")
+    chosen, not_chosen = spy(name, "linear_forward"), spy(other, "linear_forward")
     layout, values, x = small_problem(torch.float32)
     sk.ops.block_sparse_linear(x, values, layout)
     sk.ops.block_sparse_linear(x, values, layout, backend="auto")
@@ -106,19 +106,19 @@ def test_env_var_overrides_auto(spy, monkeypatch, name):
 def test_env_var_auto_means_auto(monkeypatch):
     require_backend("numba")
     monkeypatch.setenv(ENV, "auto")
-    assert backends.resolve(None, "bsmm_dsd", CPU, torch.float32) == "numba"
+    assert backends.resolve(None, "linear_forward", CPU, torch.float32) == "numba"
 
 
 def test_backend_argument_beats_env_var(spy, monkeypatch):
     monkeypatch.setenv(ENV, "numba")
-    torch_calls, numba_calls = spy("torch", "bsmm_dsd"), spy("numba", "bsmm_dsd")
+    torch_calls, numba_calls = spy("torch", "linear_forward"), spy("numba", "linear_forward")
     layout, values, x = small_problem(torch.float32)
     sk.ops.block_sparse_linear(x, values, layout, backend="torch")
     assert len(torch_calls) == 1 and len(numba_calls) == 0
 
 
 def test_layer_and_optimizer_backend_attribute(spy):
-    torch_calls = spy("torch", "bsmm_dsd")
+    torch_calls = spy("torch", "linear_forward")
     adam_calls = spy("torch", "masked_adam_")
     layer = sk.nn.SparseLinear(70, 40, density=0.5, block_size=16, backend="torch")
     opt = sk.optim.MaskedAdam(layer.parameters(), backend="torch")
@@ -138,7 +138,7 @@ def test_env_var_unknown_name(monkeypatch):
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_gpu_backend_on_cpu_tensors_raises_with_reason(name):
     layout, values, x = small_problem(torch.float32)
-    with pytest.raises(RuntimeError, match=rf"backend='{name}' cannot run bsmm_dsd on cpu") as info:
+    with pytest.raises(RuntimeError, match=rf"backend='{name}' cannot run linear_forward on cpu") as info:
         sk.ops.block_sparse_linear(x, values, layout, backend=name)
     reason = str(info.value).split(": ", 1)[1]
     assert reason.strip(), "the message must say why"
@@ -168,16 +168,16 @@ def test_numba_rejects_half_precision_with_reason(dtype):
 
 def test_numba_rejects_other_devices_with_reason():
     require_backend("numba")
-    reasons = backends.unsupported_reasons("numba", "bsmm_dsd", torch.device("meta"), torch.float32)
+    reasons = backends.unsupported_reasons("numba", "linear_forward", torch.device("meta"), torch.float32)
     assert any("cpu" in r and "meta" in r for r in reasons), reasons
     with pytest.raises(RuntimeError, match="numba"):
-        backends.resolve("numba", "bsmm_dsd", torch.device("meta"), torch.float32)
+        backends.resolve("numba", "linear_forward", torch.device("meta"), torch.float32)
 
 
 @pytest.mark.parametrize("name", ["", "Torch", "gpu", "cpu"])
 def test_unknown_backend_name(name):
     with pytest.raises(ValueError, match=r"^backend: "):
-        backends.resolve(name, "bsmm_dsd", CPU, torch.float32)
+        backends.resolve(name, "linear_forward", CPU, torch.float32)
 
 
 # ----------------------------------------------------------------------------------- info

@@ -127,17 +127,17 @@ def test_cuda_backend_refuses_block_size_1_with_reason_and_auto_picks_triton(mon
         monkeypatch.setattr(backends.load(name), "availability", lambda: (True, ""))
     if backends.load("triton") is not None:
         monkeypatch.setattr(backends.load("triton"), "DEVICES", ("cuda",))
-    reasons = backends.unsupported_reasons("cuda", "bsmm_dsd", cuda, torch.float32, 1)
+    reasons = backends.unsupported_reasons("cuda", "linear_forward", cuda, torch.float32, 1)
     assert any("block sizes 16, 32, 64, 128, not 1" in r for r in reasons), reasons
-    assert backends.unsupported_reasons("cuda", "bsmm_dsd", cuda, torch.float32, 16) == []
+    assert backends.unsupported_reasons("cuda", "linear_forward", cuda, torch.float32, 16) == []
     with pytest.raises(RuntimeError, match="block sizes 16, 32, 64, 128, not 1"):
-        backends.resolve("cuda", "bsmm_dsd", cuda, torch.float32, 1)
-    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 1) == "triton"
-    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 16) == "triton"
+        backends.resolve("cuda", "linear_forward", cuda, torch.float32, 1)
+    assert backends.resolve(None, "linear_forward", cuda, torch.float32, 1) == "triton"
+    assert backends.resolve(None, "linear_forward", cuda, torch.float32, 16) == "triton"
     # with triton out of the way, auto takes the next backend that serves b=1: torch, never cuda
     monkeypatch.setattr(backends.load("triton"), "availability", lambda: (False, "off"))
-    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 1) == "torch"
-    assert backends.resolve(None, "bsmm_dsd", cuda, torch.float32, 16) == "cuda"
+    assert backends.resolve(None, "linear_forward", cuda, torch.float32, 1) == "torch"
+    assert backends.resolve(None, "linear_forward", cuda, torch.float32, 16) == "cuda"
 
 
 # ------------------------------------------------------------------ checkpoints and SET misuse

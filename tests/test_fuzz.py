@@ -102,12 +102,12 @@ def check_low(actual, ref, torch_err, what):
 
 
 # ------------------------------------------------------------------------- block_sparse_linear
-@pytest.mark.parametrize("backend", cpu_backends("bsmm_dsd"))
+@pytest.mark.parametrize("backend", cpu_backends("linear_forward"))
 def test_fuzz_block_sparse_linear_fwd_bwd(backend, poison_alloc):
     """Forward (dsd), dx (dds) and dvalues (sdd) and dbias against the float64 reference."""
 
     @budget(backend)
-    @given(problems(backend, "bsmm_dsd"), st.booleans())
+    @given(problems(backend, "linear_forward"), st.booleans())
     def run(problem, has_bias):
         rows, cols, b, density, lead, dtype, seed = problem
         layout, g = make(rows, cols, b, density, seed)
@@ -145,12 +145,12 @@ def test_fuzz_block_sparse_linear_fwd_bwd(backend, poison_alloc):
 
 
 # ------------------------------------------------------------------- raw dds / sdd custom ops
-@pytest.mark.parametrize("backend", cpu_backends("bsmm_dds"))
+@pytest.mark.parametrize("backend", cpu_backends("linear_grad_input"))
 def test_fuzz_raw_dds_and_sdd(backend, poison_alloc):
     """The transposed-index kernel and the weight-gradient kernel called directly, 2-D operands."""
 
     @budget(backend)
-    @given(problems(backend, "bsmm_dds"))
+    @given(problems(backend, "linear_grad_input"))
     def run(problem):
         rows, cols, b, density, lead, dtype, seed = problem
         if dtype in LOW:
@@ -160,9 +160,9 @@ def test_fuzz_raw_dds_and_sdd(backend, poison_alloc):
         dy = rnd(g, m, rows, dtype=dtype)
         x = rnd(g, m, cols, dtype=dtype)
         values = rnd(g, layout.nnz_blocks, b, b, dtype=dtype)
-        dx = OPS.bsmm_dds(dy, values, layout.index, rows, cols, b, backend)
+        dx = OPS.linear_grad_input(dy, values, layout.index, rows, cols, b, backend)
         assert_close_scaled(dx, dy.double() @ dense_ref(values, layout), TOL[dtype], "dds")
-        dv = OPS.bsmm_sdd(dy, x, layout.index, rows, cols, b, backend)
+        dv = OPS.linear_grad_weight(dy, x, layout.index, rows, cols, b, backend)
         assert_close_scaled(dv, blocks_ref(dy.double().T @ x.double(), layout), TOL[dtype], "sdd")
 
     run()
@@ -170,7 +170,7 @@ def test_fuzz_raw_dds_and_sdd(backend, poison_alloc):
 
 # ----------------------------------------------------------------------- to_dense / from_dense
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(problems("torch", "bsmm_dsd"))
+@given(problems("torch", "linear_forward"))
 def test_fuzz_to_dense_from_dense(problem):
     rows, cols, b, density, lead, dtype, seed = problem
     layout, g = make(rows, cols, b, density, seed)

@@ -122,9 +122,9 @@ def test_fake_tensor_mode_past_2_31():
         x = torch.empty(2**13, cols)
         values = torch.empty(real.nnz_blocks, 128, 128)
         ops = torch.ops.set_kernels
-        assert ops.bsmm_dsd(x, values, index, None, rows, cols, 128, "numba").shape == (2**13, rows)
-        assert ops.bsmm_dds(torch.empty(2**13, rows), values, index, rows, cols, 128, "numba").shape == x.shape
-        assert ops.bsmm_sdd(torch.empty(2**13, rows), x, index, rows, cols, 128, "numba").shape == values.shape
+        assert ops.linear_forward(x, values, index, None, rows, cols, 128, "numba").shape == (2**13, rows)
+        assert ops.linear_grad_input(torch.empty(2**13, rows), values, index, rows, cols, 128, "numba").shape == x.shape
+        assert ops.linear_grad_weight(torch.empty(2**13, rows), x, index, rows, cols, 128, "numba").shape == values.shape
 
 
 # ------------------------------------------------------------------- numba integer widths
@@ -165,10 +165,10 @@ def _numba_signatures():
     return [
         (bsmm._to_blocks, (arr(f32, 2), i64, i64, arr(f32, 3))),
         (bsmm._to_blocks_t, (arr(f32, 2), i64, i64, arr(f32, 3))),
-        (bsmm._dsd_core, (arr(f32, 3), arr(f32, 3), idx, idx, idx, boolean, boolean, arr(f32, 1), boolean,
+        (bsmm._forward_core, (arr(f32, 3), arr(f32, 3), idx, idx, idx, boolean, boolean, arr(f32, 1), boolean,
                           arr(f32, 2), i64, i64, i64, i64, i64, i64)),
-        (bsmm._sdd_core, (arr(f32, 3), arr(f32, 3), idx, idx, arr(f32, 3), i64, i64, i64, i64)),
-        (adam.adam_step, (arr(f32, 1),) * 4 + (arr(types.uint8, 1), boolean, arr(f32, 1), boolean, boolean, i64)),
+        (bsmm._grad_weight_core, (arr(f32, 3), arr(f32, 3), idx, idx, arr(f32, 3), i64, i64, i64, i64)),
+        (adam.masked_adam_, (arr(f32, 1),) * 4 + (arr(types.uint8, 1), boolean, arr(f32, 1), boolean, boolean, i64)),
         # element sparsity (block size 1)
         (spmm.transpose, (arr(f32, 2), arr(f32, 2))),
         (spmm._spmm_t, (arr(f32, 2), arr(f32, 1), idx, idx, idx, boolean, arr(f32, 1), boolean, arr(f32, 2), i64,
@@ -177,7 +177,7 @@ def _numba_signatures():
     ]
 
 
-@pytest.mark.parametrize("case", range(8), ids=["to_blocks", "to_blocks_t", "dsd_core", "sdd_core", "adam",
+@pytest.mark.parametrize("case", range(8), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
                                                 "transpose", "spmm_t", "sddmm_t"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]

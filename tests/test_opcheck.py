@@ -51,39 +51,39 @@ def layout_of(rows, cols, b, density, device="cpu"):
     return BSL.random(rows, cols, b, density, generator=gen(rows * cols)).to(device)
 
 
-@pytest.mark.parametrize("target", _targets("bsmm_dsd"), ids=_ids, indirect=True)
+@pytest.mark.parametrize("target", _targets("linear_forward"), ids=_ids, indirect=True)
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
-def test_opcheck_bsmm_dsd(target, shape, has_bias):
+def test_opcheck_linear_forward(target, shape, has_bias):
     backend, dev = target
     rows, cols, b, _ = shape
     layout = layout_of(*shape, device=dev)
     x = randn(5, cols, seed=1).to(dev).requires_grad_()
     values = randn(layout.nnz_blocks, b, b, seed=2).to(dev).requires_grad_()
     bias = randn(rows, seed=3).to(dev).requires_grad_() if has_bias else None
-    torch.library.opcheck(OPS.bsmm_dsd.default, (x, values, layout.index, bias, rows, cols, b, backend))
+    torch.library.opcheck(OPS.linear_forward.default, (x, values, layout.index, bias, rows, cols, b, backend))
 
 
-@pytest.mark.parametrize("target", _targets("bsmm_dds"), ids=_ids, indirect=True)
+@pytest.mark.parametrize("target", _targets("linear_grad_input"), ids=_ids, indirect=True)
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
-def test_opcheck_bsmm_dds(target, shape):
+def test_opcheck_linear_grad_input(target, shape):
     backend, dev = target
     rows, cols, b, _ = shape
     layout = layout_of(*shape, device=dev)
     dy = randn(5, rows, seed=1).to(dev).requires_grad_()
     values = randn(layout.nnz_blocks, b, b, seed=2).to(dev).requires_grad_()
-    torch.library.opcheck(OPS.bsmm_dds.default, (dy, values, layout.index, rows, cols, b, backend))
+    torch.library.opcheck(OPS.linear_grad_input.default, (dy, values, layout.index, rows, cols, b, backend))
 
 
-@pytest.mark.parametrize("target", _targets("bsmm_sdd"), ids=_ids, indirect=True)
+@pytest.mark.parametrize("target", _targets("linear_grad_weight"), ids=_ids, indirect=True)
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
-def test_opcheck_bsmm_sdd(target, shape):
+def test_opcheck_linear_grad_weight(target, shape):
     backend, dev = target
     rows, cols, b, _ = shape
     layout = layout_of(*shape, device=dev)
     dy = randn(5, rows, seed=1).to(dev).requires_grad_()
     x = randn(5, cols, seed=2).to(dev).requires_grad_()
-    torch.library.opcheck(OPS.bsmm_sdd.default, (dy, x, layout.index, rows, cols, b, backend))
+    torch.library.opcheck(OPS.linear_grad_weight.default, (dy, x, layout.index, rows, cols, b, backend))
 
 
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))

@@ -274,8 +274,8 @@ def test_deterministic(cpu_backend, case):
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
 def test_linear_cuda_matches_fp64_reference(name, dtype, case):
     """Same checks on CUDA tensors; fp16/bf16 within 2x torch's own (cuBLAS) error + one ulp of scale."""
-    device = require_cuda_backend(name, "bsmm_dsd", dtype)
-    for op in ("bsmm_dds", "bsmm_sdd"):
+    device = require_cuda_backend(name, "linear_forward", dtype)
+    for op in ("linear_grad_input", "linear_grad_weight"):
         require_cuda_backend(name, op, dtype)
     layout, values, x, bias, dy = make_inputs(case, torch.float64, seed=20)
     scale = 0.25 if dtype != torch.float32 else 1.0

@@ -98,7 +98,7 @@ def _plus_one(original):
 def test_wrong_forward_fails(monkeypatch, capsys, tmp_path):
     require_backend("numba")
     numba_backend = backends.load("numba")
-    monkeypatch.setattr(numba_backend, "bsmm_dsd", _plus_one(numba_backend.bsmm_dsd))
+    monkeypatch.setattr(numba_backend, "linear_forward", _plus_one(numba_backend.linear_forward))
     status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp32")
     assert status == 1
     assert {r["status"] for r in rows(doc, op="fwd")} == {"FAIL"}
@@ -111,7 +111,7 @@ def test_unwritten_output_element_fails(monkeypatch, capsys, tmp_path):
     """dX with its last token row never written: NaN-poisoned allocations make that a FAIL."""
     require_backend("numba")
     numba_backend = backends.load("numba")
-    original = numba_backend.bsmm_dds
+    original = numba_backend.linear_grad_input
 
     def forgets_a_row(dy, *args, **kwargs):
         full = original(dy, *args, **kwargs)
@@ -119,9 +119,9 @@ def test_unwritten_output_element_fails(monkeypatch, capsys, tmp_path):
         out[:-1] = full[:-1]
         return out
 
-    monkeypatch.setattr(numba_backend, "bsmm_dds", forgets_a_row)
-    # the eager backward calls the backend's fused bsmm_backward when it has one: use the two ops
-    monkeypatch.delattr(numba_backend, "bsmm_backward")
+    monkeypatch.setattr(numba_backend, "linear_grad_input", forgets_a_row)
+    # the eager backward calls the backend's fused linear_backward when it has one: use the two ops
+    monkeypatch.delattr(numba_backend, "linear_backward")
     status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp64")
     assert status == 1
     failed = rows(doc, op="dX")
@@ -133,13 +133,13 @@ def test_wrong_fused_backward_fails(monkeypatch, capsys, tmp_path):
     """The fused backward (what eager autograd calls at block size 1) is checked too."""
     require_backend("numba")
     numba_backend = backends.load("numba")
-    original = numba_backend.bsmm_backward
+    original = numba_backend.linear_backward
 
     def wrong_dw(*args, **kwargs):
         dx, dv = original(*args, **kwargs)
         return dx, (None if dv is None else dv * 2)
 
-    monkeypatch.setattr(numba_backend, "bsmm_backward", wrong_dw)
+    monkeypatch.setattr(numba_backend, "linear_backward", wrong_dw)
     status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp32")
     assert status == 1
     assert any(r["status"] == "FAIL" for r in rows(doc, op="dW"))
@@ -153,8 +153,8 @@ def test_crashing_backend_fails_with_the_error(monkeypatch, capsys, tmp_path):
     def crash(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(numba_backend, "bsmm_sdd", crash)
-    monkeypatch.delattr(numba_backend, "bsmm_backward")  # as above: the two ops, not the fused call
+    monkeypatch.setattr(numba_backend, "linear_grad_weight", crash)
+    monkeypatch.delattr(numba_backend, "linear_backward")  # as above: the two ops, not the fused call
     status, out, doc = run_selftest(capsys, tmp_path, "--backends", "numba", "--quick", "--dtypes", "fp32")
     assert status == 1
     assert all(r["status"] == "FAIL" and "kernel exploded" in r["note"] for r in rows(doc, op="dW"))
@@ -243,7 +243,7 @@ def test_triton_first_config_pins_every_autotuner_and_undoes_it():
 
     import importlib
 
-    tuner = importlib.import_module("set_kernels.backends.triton.bsmm_dsd")._dsd_kernel
+    tuner = importlib.import_module("set_kernels.backends.triton.linear_forward")._dsd_kernel
     assert isinstance(tuner, Autotuner)
     before = dict(tuner.cache)
     multi = [tuner.configs[0], tuner.configs[0]]

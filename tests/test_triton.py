@@ -155,12 +155,12 @@ def _sdd_problem(dtype, tokens, b=32, density=0.2, seed=21):
 
 
 def _sdd_module():
-    # (the package attribute bsmm_sdd is the op function, which shadows the submodule)
-    return importlib.import_module("set_kernels.backends.triton.bsmm_sdd")
+    # (the package attribute linear_grad_weight is the op function, which shadows the submodule)
+    return importlib.import_module("set_kernels.backends.triton.linear_grad_weight")
 
 
 def _sdd(layout, dy, x, splits):
-    return _sdd_module().bsmm_sdd(dy, x, layout.block_row, layout.col_idx, *layout.shape, layout.block_size, splits=splits)
+    return _sdd_module().linear_grad_weight(dy, x, layout.block_row, layout.col_idx, *layout.shape, layout.block_size, splits=splits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -205,7 +205,7 @@ def test_split_k_rule_and_second_pass(monkeypatch):
             return original[grid]
 
     monkeypatch.setattr(mod, "_sum_splits_kernel", Spy())
-    # Through the public op (autograd -> bsmm_sdd with the automatic rule).
+    # Through the public op (autograd -> linear_grad_weight with the automatic rule).
     values = torch.zeros(layout.nnz_blocks, 32, 32, device=DEVICE, requires_grad=True)
     sk.ops.block_sparse_linear(x, values, layout, backend="triton").backward(dy)
     expected = mod.choose_splits(layout.nnz_blocks, 200, sms)
@@ -319,7 +319,7 @@ def test_b1_routes_to_the_csr_kernels(monkeypatch):
     calls.clear()
     run_linear(*make_problem(20, 30, 16, 1.0, 5, torch.float32), "triton")
     assert sorted(calls) == ["_block_dds", "_block_dsd", "_block_sdd"]
-    assert 1 in tb.BLOCK_SIZES and backends.resolve("triton", "bsmm_dsd", DEVICE, torch.float32, 1) == "triton"
+    assert 1 in tb.BLOCK_SIZES and backends.resolve("triton", "linear_forward", DEVICE, torch.float32, 1) == "triton"
 
 
 def _spmm_raw(inp, values, ptr, idx, perm, bias, n_out, n_in, block_m, block_r, num_warps=4):
@@ -362,12 +362,12 @@ def test_b1_bit_identical_across_launch_configs_and_runs(dtype, poison_alloc):
     layout, values, x, bias, dy = make_problem(37, 53, 1, 0.4, 40, dtype, seed=13)
     layout, values, x, bias, dy = layout.to(DEVICE), values.to(DEVICE), x.to(DEVICE), bias.to(DEVICE), dy.to(DEVICE)
     rows, cols = layout.shape
-    y = tb.bsmm_dsd(x, values, layout.row_ptr, layout.col_idx, bias, rows, cols, 1)
-    dx = tb.bsmm_dds(dy, values, layout.col_ptr, layout.row_idx, layout.perm, rows, cols, 1)
-    dv = tb.bsmm_sdd(dy, x, layout.block_row, layout.col_idx, rows, cols, 1)
-    assert torch.equal(y, tb.bsmm_dsd(x, values, layout.row_ptr, layout.col_idx, bias, rows, cols, 1))
-    assert torch.equal(dx, tb.bsmm_dds(dy, values, layout.col_ptr, layout.row_idx, layout.perm, rows, cols, 1))
-    assert torch.equal(dv, tb.bsmm_sdd(dy, x, layout.block_row, layout.col_idx, rows, cols, 1))
+    y = tb.linear_forward(x, values, layout.row_ptr, layout.col_idx, bias, rows, cols, 1)
+    dx = tb.linear_grad_input(dy, values, layout.col_ptr, layout.row_idx, layout.perm, rows, cols, 1)
+    dv = tb.linear_grad_weight(dy, x, layout.block_row, layout.col_idx, rows, cols, 1)
+    assert torch.equal(y, tb.linear_forward(x, values, layout.row_ptr, layout.col_idx, bias, rows, cols, 1))
+    assert torch.equal(dx, tb.linear_grad_input(dy, values, layout.col_ptr, layout.row_idx, layout.perm, rows, cols, 1))
+    assert torch.equal(dv, tb.linear_grad_weight(dy, x, layout.block_row, layout.col_idx, rows, cols, 1))
     for bm, br, w in [(16, 2, 4), (64, 8, 8)]:
         got = _spmm_raw(x, values, layout.row_ptr, layout.col_idx, None, bias, rows, cols, bm, br, w)
         assert torch.equal(got, y), ("y", bm, br, w)
@@ -385,10 +385,10 @@ def test_b1_rejects_block_shaped_values_and_options():
     layout, values, x, bias, dy = make_problem(20, 30, 1, 0.3, 5, torch.float32)
     layout, x, dy = layout.to(DEVICE), x.to(DEVICE), dy.to(DEVICE)
     with pytest.raises(ValueError, match=r"values: expected shape \(\d+, 1, 1\)"):
-        tb.bsmm_dsd(x, torch.zeros(layout.nnz_blocks, 2, 2, device=DEVICE), layout.row_ptr, layout.col_idx, None,
+        tb.linear_forward(x, torch.zeros(layout.nnz_blocks, 2, 2, device=DEVICE), layout.row_ptr, layout.col_idx, None,
                     20, 30, 1)
     with pytest.raises(TypeError, match="no options"):
-        tb.bsmm_sdd(dy, x, layout.block_row, layout.col_idx, 20, 30, 1, splits=2)
+        tb.linear_grad_weight(dy, x, layout.block_row, layout.col_idx, 20, 30, 1, splits=2)
 
 
 def test_b1_autotune_config_pruning():
@@ -576,14 +576,14 @@ def test_masked_adam_pointer_table_cache_is_correct_after_reuse():
 
 
 # ------------------------------------------------------------------------- autotune configs
-@pytest.mark.parametrize("op", ["bsmm_dsd", "bsmm_dds", "bsmm_sdd"])
+@pytest.mark.parametrize("op", ["linear_forward", "linear_grad_input", "linear_grad_weight"])
 def test_autotune_config_pruning(op):
     """The GPU config pruning (called by the autotuner with positional args and keyword args
     apart) keeps a non-empty subset for every block size and dtype, within the budgets."""
     from set_kernels.backends.triton import _common
 
     mod = importlib.import_module(f"set_kernels.backends.triton.{op}")
-    ptr = "x_ptr" if op == "bsmm_dsd" else "dy_ptr"
+    ptr = "x_ptr" if op == "linear_forward" else "dy_ptr"
     for b in (16, 32, 64, 128):
         for dtype in DTYPES:
             kept = mod._prune(mod.CONFIGS, {ptr: torch.empty(0, dtype=dtype)}, B=b)
@@ -603,7 +603,7 @@ def test_dispatch_triton_on_this_device_and_auto_on_cpu():
         assert backends.resolve(None, op, torch.device("cpu"), torch.float32) != "triton"
         assert backends.resolve(None, op, torch.device("cpu"), torch.bfloat16) != "triton"
     if ON_GPU:
-        assert backends.resolve(None, "bsmm_dsd", DEVICE, torch.float16) == "triton"
+        assert backends.resolve(None, "linear_forward", DEVICE, torch.float16) == "triton"
 
 
 def test_triton_rejects_float64_with_reason():
@@ -618,7 +618,7 @@ def test_bad_index_dtype_is_a_type_error():
     layout, values, x, bias, dy = make_problem(40, 50, 16, 0.5, 3, torch.float32)
     layout = layout.to(DEVICE)
     with pytest.raises(TypeError, match="row_ptr"):
-        tb.bsmm_dsd(x.to(DEVICE), values.to(DEVICE), layout.row_ptr.long(), layout.col_idx, None, 40, 50, 16)
+        tb.linear_forward(x.to(DEVICE), values.to(DEVICE), layout.row_ptr.long(), layout.col_idx, None, 40, 50, 16)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the no-GPU, not-interpreting case")
@@ -636,7 +636,7 @@ def test_without_interpreter_cpu_tensors_are_refused_with_reason():
         "    assert 'TRITON_INTERPRET' in str(e), e\n"
         "else:\n"
         "    raise SystemExit('no error')\n"
-        "assert backends.resolve(None, 'bsmm_dsd', torch.device('cpu'), torch.float32) == 'numba'\n"
+        "assert backends.resolve(None, 'linear_forward', torch.device('cpu'), torch.float32) == 'numba'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""

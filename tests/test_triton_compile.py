@@ -28,9 +28,9 @@ from triton.compiler import ASTSource
 
 common = importlib.import_module("set_kernels.backends.triton._common")
 assert not common.INTERPRET
-dsd = importlib.import_module("set_kernels.backends.triton.bsmm_dsd")
-dds = importlib.import_module("set_kernels.backends.triton.bsmm_dds")
-sdd = importlib.import_module("set_kernels.backends.triton.bsmm_sdd")
+dsd = importlib.import_module("set_kernels.backends.triton.linear_forward")
+dds = importlib.import_module("set_kernels.backends.triton.linear_grad_input")
+sdd = importlib.import_module("set_kernels.backends.triton.linear_grad_weight")
 adam = importlib.import_module("set_kernels.backends.triton.masked_adam")
 spmm = importlib.import_module("set_kernels.backends.triton.spmm")
 DIV = [["tt.divisibility", 16]]  # what triton's launcher specialises for multiples of 16

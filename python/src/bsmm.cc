@@ -1,5 +1,5 @@
-// pybind11 bindings of the block-sparse matmuls (csrc/bsmm.h): bsmm_dsd,
-// bsmm_dds, bsmm_sdd and the split-K helpers.
+// pybind11 bindings of the block-sparse matmuls (csrc/bsmm.h): linear_forward,
+// linear_grad_input, linear_grad_weight and the split-K helpers.
 //
 // Every argument is checked here, before any CUDA call, so that the checks can be
 // tested on machines without a GPU: unknown dtype code, unsupported block size,
@@ -100,9 +100,9 @@ void check_dsd_like(const Checker& ck, const char* a_name, i64 a, i64 lda, const
   ck.pointer(out_name, out, M > 0);
 }
 
-void bsmm_dsd(i64 x, i64 ldx, i64 values, i64 row_ptr, i64 col_idx, i64 bias, i64 y, i64 ldy, i64 M,
+void linear_forward(i64 x, i64 ldx, i64 values, i64 row_ptr, i64 col_idx, i64 bias, i64 y, i64 ldy, i64 M,
               i64 rows, i64 cols, i64 nnz, int block_size, int dtype, bool tf32, i64 stream, int device) {
-  const Checker ck("bsmm_dsd");
+  const Checker ck("linear_forward");
   check_dsd_like(ck, "x", x, ldx, "ldx", values, "row_ptr", row_ptr, "col_idx", col_idx, "y", y, ldy, "ldy",
                  M, rows, cols, nnz, block_size, dtype, false);
   ck.pointer("bias", bias, false);
@@ -125,12 +125,12 @@ void bsmm_dsd(i64 x, i64 ldx, i64 values, i64 row_ptr, i64 col_idx, i64 bias, i6
   a.dtype = dtype;
   a.tf32 = tf32;
   py::gil_scoped_release release;
-  set_kernels::bsmm_dsd(a, static_cast<std::uintptr_t>(stream), device);
+  set_kernels::linear_forward(a, static_cast<std::uintptr_t>(stream), device);
 }
 
-void bsmm_dds(i64 dy, i64 lddy, i64 values, i64 col_ptr, i64 row_idx, i64 perm, i64 dx, i64 lddx, i64 M,
+void linear_grad_input(i64 dy, i64 lddy, i64 values, i64 col_ptr, i64 row_idx, i64 perm, i64 dx, i64 lddx, i64 M,
               i64 rows, i64 cols, i64 nnz, int block_size, int dtype, bool tf32, i64 stream, int device) {
-  const Checker ck("bsmm_dds");
+  const Checker ck("linear_grad_input");
   check_dsd_like(ck, "dy", dy, lddy, "lddy", values, "col_ptr", col_ptr, "row_idx", row_idx, "dx", dx, lddx,
                  "lddx", M, rows, cols, nnz, block_size, dtype, true);
   ck.pointer("perm", perm, nnz > 0 && M > 0);
@@ -153,13 +153,13 @@ void bsmm_dds(i64 dy, i64 lddy, i64 values, i64 col_ptr, i64 row_idx, i64 perm, 
   a.dtype = dtype;
   a.tf32 = tf32;
   py::gil_scoped_release release;
-  set_kernels::bsmm_dds(a, static_cast<std::uintptr_t>(stream), device);
+  set_kernels::linear_grad_input(a, static_cast<std::uintptr_t>(stream), device);
 }
 
-void bsmm_sdd(i64 dy, i64 lddy, i64 x, i64 ldx, i64 block_row, i64 col_idx, i64 out, i64 workspace,
+void linear_grad_weight(i64 dy, i64 lddy, i64 x, i64 ldx, i64 block_row, i64 col_idx, i64 out, i64 workspace,
               i64 workspace_numel, i64 M, i64 rows, i64 cols, i64 nnz, int block_size, int dtype, int splits,
               bool tf32, i64 stream, int device) {
-  const Checker ck("bsmm_sdd");
+  const Checker ck("linear_grad_weight");
   ck.dtype(dtype);
   ck.block(block_size);
   ck.at_least("M", M, 0);
@@ -183,7 +183,7 @@ void bsmm_sdd(i64 dy, i64 lddy, i64 x, i64 ldx, i64 block_row, i64 col_idx, i64 
   ck.pointer("block_row", block_row, work);
   ck.pointer("col_idx", col_idx, work);
   ck.pointer("out", out, work);
-  const i64 needed = splits > 1 && M > 0 ? set_kernels::bsmm_sdd_workspace_numel(splits, nnz, block_size) : 0;
+  const i64 needed = splits > 1 && M > 0 ? set_kernels::linear_grad_weight_workspace_numel(splits, nnz, block_size) : 0;
   ck.pointer("workspace", workspace, needed > 0);
   if (workspace_numel < needed) {
     ck.fail("workspace_numel=" + std::to_string(workspace_numel) + " is smaller than the " +
@@ -210,7 +210,7 @@ void bsmm_sdd(i64 dy, i64 lddy, i64 x, i64 ldx, i64 block_row, i64 col_idx, i64 
   a.tf32 = tf32;
   a.splits = splits;
   py::gil_scoped_release release;
-  set_kernels::bsmm_sdd(a, static_cast<std::uintptr_t>(stream), device);
+  set_kernels::linear_grad_weight(a, static_cast<std::uintptr_t>(stream), device);
 }
 
 }  // namespace
@@ -219,7 +219,7 @@ void bind_bsmm(py::module_& m) {
   m.attr("BSMM_BLOCK_SIZES") = py::make_tuple(16, 32, 64, 128);
   m.attr("BSMM_SDD_MAX_SPLITS") = set_kernels::kBsmmSddMaxSplits;
 
-  m.def("bsmm_dsd", &bsmm_dsd, py::arg("x"), py::arg("ldx"), py::arg("values"), py::arg("row_ptr"),
+  m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("ldx"), py::arg("values"), py::arg("row_ptr"),
         py::arg("col_idx"), py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("M"), py::arg("rows"),
         py::arg("cols"), py::arg("nnz"), py::arg("block_size"), py::arg("dtype"), py::arg("tf32") = false,
         py::arg("stream") = 0, py::arg("device") = -1,
@@ -233,16 +233,16 @@ stream: cudaStream_t as an integer; device: CUDA device index (-1 = current).
 ValueError for bad arguments (before any CUDA call), RuntimeError for CUDA errors
 or no device. Asynchronous.)doc");
 
-  m.def("bsmm_dds", &bsmm_dds, py::arg("dy"), py::arg("lddy"), py::arg("values"), py::arg("col_ptr"),
+  m.def("linear_grad_input", &linear_grad_input, py::arg("dy"), py::arg("lddy"), py::arg("values"), py::arg("col_ptr"),
         py::arg("row_idx"), py::arg("perm"), py::arg("dx"), py::arg("lddx"), py::arg("M"), py::arg("rows"),
         py::arg("cols"), py::arg("nnz"), py::arg("block_size"), py::arg("dtype"), py::arg("tf32") = false,
         py::arg("stream") = 0, py::arg("device") = -1,
         R"doc(Input gradient dx (M, cols) = dy (M, rows) @ W through the transposed (CSC) index.
 
 col_ptr int32 (ceil(cols/b)+1,), row_idx and perm int32 (nnz,). No atomics: each
-output block column is owned by one CTA column. Other arguments as bsmm_dsd.)doc");
+output block column is owned by one CTA column. Other arguments as linear_forward.)doc");
 
-  m.def("bsmm_sdd", &bsmm_sdd, py::arg("dy"), py::arg("lddy"), py::arg("x"), py::arg("ldx"),
+  m.def("linear_grad_weight", &linear_grad_weight, py::arg("dy"), py::arg("lddy"), py::arg("x"), py::arg("ldx"),
         py::arg("block_row"), py::arg("col_idx"), py::arg("out"), py::arg("workspace"),
         py::arg("workspace_numel"), py::arg("M"), py::arg("rows"), py::arg("cols"), py::arg("nnz"),
         py::arg("block_size"), py::arg("dtype"), py::arg("splits") = 1, py::arg("tf32") = false,
@@ -251,14 +251,14 @@ output block column is owned by one CTA column. Other arguments as bsmm_dsd.)doc
 
 dy (M, rows) row stride lddy, x (M, cols) row stride ldx, block_row / col_idx int32
 (nnz,), out contiguous. splits > 1 splits the tokens (split-K): fp32 partials go to
-workspace (at least bsmm_sdd_workspace_numel(splits, nnz, block_size) floats), then
+workspace (at least linear_grad_weight_workspace_numel(splits, nnz, block_size) floats), then
 a second pass sums them in a fixed order (deterministic, no atomics). Entries past
 the matrix edge are exact zeros.)doc");
 
-  m.def("bsmm_sdd_splits", &set_kernels::bsmm_sdd_default_splits, py::arg("M"), py::arg("nnz"),
+  m.def("linear_grad_weight_splits", &set_kernels::linear_grad_weight_default_splits, py::arg("M"), py::arg("nnz"),
         py::arg("block_size"),
-        "Default split-K factor of bsmm_sdd for this shape (a function of the shape only).");
-  m.def("bsmm_sdd_workspace_numel", &set_kernels::bsmm_sdd_workspace_numel, py::arg("splits"),
+        "Default split-K factor of linear_grad_weight for this shape (a function of the shape only).");
+  m.def("linear_grad_weight_workspace_numel", &set_kernels::linear_grad_weight_workspace_numel, py::arg("splits"),
         py::arg("nnz"), py::arg("block_size"),
-        "fp32 elements of workspace bsmm_sdd needs for `splits` (0 when splits <= 1).");
+        "fp32 elements of workspace linear_grad_weight needs for `splits` (0 when splits <= 1).");
 }

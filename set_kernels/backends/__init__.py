@@ -1,17 +1,20 @@
 """Backend registry and dispatch: by device, then by backend.
 
 Each backend is a module exposing ``availability() -> (bool, reason)``, ``SUPPORTED_DTYPES`` and
-the op functions it implements (``bsmm_dsd``, ``bsmm_dds``, ``bsmm_sdd``, ``masked_adam_``), and
+the op functions it implements (``linear_forward``, ``linear_grad_input``, ``linear_grad_weight``, ``masked_adam_``), and
 optionally ``BLOCK_SIZES`` (the matmul block sizes it serves; all of them when absent) and
-``bsmm_backward`` (both gradients of the forward in one call, used by eager backward passes). The
+``linear_backward`` (both gradients of the forward in one call, used by eager backward passes). The
 dispatcher collects, for a requested (backend, op, device, dtype), every reason the backend cannot
 run it; ``"auto"`` takes the first backend in the device's preference order whose list is empty,
 and an explicit request with a non-empty list raises ``RuntimeError`` listing the reasons.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
+import threading
 
 import torch
 
@@ -29,7 +32,7 @@ _MODULES = {
 _DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "numba": ("cpu",), "torch": None}
 # "auto" preference per device type, fastest first.
 AUTO_ORDER = {"cpu": ("numba", "torch"), "cuda": ("triton", "cuda", "torch")}
-OPS = ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+OPS = ("linear_forward", "linear_grad_input", "linear_grad_weight", "masked_adam_")
 ENV_VAR = "SET_KERNELS_BACKEND"
 
 _loaded: dict[str, object] = {}
@@ -59,7 +62,17 @@ def availability(name: str) -> tuple[bool, str]:
 
 def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.dtype,
                         block_size: int | None = None) -> list[str]:
-    """Every reason backend ``name`` cannot run ``op`` on (device, dtype[, block_size]); empty when it can."""
+    """Every reason backend ``name`` cannot run ``op`` on (device, dtype[, block_size]); empty when it can.
+
+    Cached per (backend, op, device type, dtype, block size): availability does not change while
+    a process runs. :func:`clear_cache` forgets it (tests that patch a backend call it).
+    """
+    return list(_reasons(name, op, torch.device(device).type, dtype, block_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _reasons(name: str, op: str, device_type: str, dtype: torch.dtype, block_size) -> tuple:
+    device = torch.device(device_type)
     ok, why = availability(name)
     if not ok:
         return [why]
@@ -78,20 +91,69 @@ def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.d
     if block_size is not None and sizes is not None and block_size not in sizes:
         reasons.append(f"it supports block sizes {', '.join(map(str, sizes))}, not {block_size}"
                        + (" (element sparsity)" if block_size == 1 else ""))
-    return reasons
+    return tuple(reasons)
+
+
+def clear_cache() -> None:
+    """Forget the cached availability of every backend (after patching or installing one)."""
+    _reasons.cache_clear()
+    _resolve_cached.cache_clear()
+
+
+_selected = threading.local()
+
+
+@contextlib.contextmanager
+def use(backend):
+    """Run the ops called inside the block with ``backend`` (a name, or None/"auto").
+
+    This is how the backend is chosen at run time, also inside ``torch.compile``d or
+    ``torch.export``ed graphs, which record no backend: their ops pick one when they run. It
+    wins over ``$SET_KERNELS_BACKEND``; an op's or layer's own ``backend=`` wins over it in eager
+    calls (the public ops enter this context with it). Per thread; blocks nest.
+    """
+    if backend is not None:
+        check_choice("backend", backend, BACKENDS + ("auto",))
+    previous = getattr(_selected, "name", None)
+    _selected.name = backend
+    try:
+        yield
+    finally:
+        _selected.name = previous
+
+
+def selected() -> str | None:
+    """The backend chosen by the innermost :func:`use` block of this thread, or None."""
+    return getattr(_selected, "name", None)
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, block_size: int | None = None) -> str:
+    """The backend an op runs with now: :func:`use`, else ``$SET_KERNELS_BACKEND``, else auto.
+
+    Called by the ops' device kernels on every call; cached, so it costs a dict lookup.
+    """
+    return _resolve_cached(selected(), os.environ.get(ENV_VAR, ""), op, device.type, dtype, block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_cached(backend, env, op, device_type, dtype, block_size) -> str:
+    return resolve(backend, op, torch.device(device_type), dtype, block_size)
 
 
 def resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_size: int | None = None) -> str:
     """Pick the backend name for ``op`` on (device, dtype), for a matmul also on ``block_size``.
 
-    ``backend`` is None/"auto" (then ``$SET_KERNELS_BACKEND`` overrides, when set and not "auto")
-    or a name in :data:`BACKENDS`. Raises ValueError for an unknown name and RuntimeError, with
-    every reason, when the requested backend cannot run the op.
+    ``backend`` is None/"auto" (then the :func:`use` block, or else ``$SET_KERNELS_BACKEND``,
+    decides when set and not "auto") or a name in :data:`BACKENDS`. Raises ValueError for an
+    unknown name and RuntimeError, with every reason, when the requested backend cannot run the op.
     """
     source = "backend"
     if backend is None or backend == "auto":
+        ctx = selected()
         env = os.environ.get(ENV_VAR, "").strip()
-        if env and env != "auto":
+        if ctx is not None and ctx != "auto":
+            backend, source = ctx, "set_kernels.backends.use"
+        elif env and env != "auto":
             backend, source = env, f"${ENV_VAR}"
     if backend is None or backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("torch",)):

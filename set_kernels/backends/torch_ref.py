@@ -47,7 +47,7 @@ def _blocks_of(t, block_ids, size: int, b: int) -> torch.Tensor:
     return padded.reshape(t.shape[0], n, b)[:, block_ids.long()]
 
 
-def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size):
+def linear_forward(x, values, row_ptr, col_idx, bias, rows, cols, block_size):
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias``."""
     counts = (row_ptr[1:] - row_ptr[:-1]).long()
     block_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
@@ -55,7 +55,7 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size):
     return F.linear(x, weight, bias)
 
 
-def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size):
+def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows, cols, block_size):
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W``, from the transposed index."""
     counts = (col_ptr[1:] - col_ptr[:-1]).long()
     col_of = torch.repeat_interleave(torch.arange(counts.numel(), device=dy.device), counts)
@@ -64,7 +64,7 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size):
     return F.linear(dy, weight_t)  # dy @ (W.T).T
 
 
-def bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size):
+def linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size):
     """Weight gradient on live blocks only: ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``."""
     dy_blocks = _blocks_of(dy, block_row, rows, block_size)
     x_blocks = _blocks_of(x, col_idx, cols, block_size)

@@ -28,10 +28,10 @@ from ..layout import BlockSparseLayout
 
 # Kernels each measured pass needs from a backend.
 KERNELS = {
-    "forward": ("bsmm_dsd",),
-    "forward_backward": ("bsmm_dsd", "bsmm_dds", "bsmm_sdd"),
+    "forward": ("linear_forward",),
+    "forward_backward": ("linear_forward", "linear_grad_input", "linear_grad_weight"),
     "step": ("masked_adam_",),
-    "train_step": ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_"),
+    "train_step": ("linear_forward", "linear_grad_input", "linear_grad_weight", "masked_adam_"),
 }
 REFERENCE_NOTE = ("the plain-torch reference backend (the readable test oracle, not a fast path; its "
                   "linear densifies the weight); time it with --backends torch")

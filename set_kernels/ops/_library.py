@@ -7,13 +7,13 @@ in the public wrappers of :mod:`set_kernels.ops`, before any op is called.
 
 The three matmuls are each other's transposes, so every backward is written with them:
 
-* ``bsmm_dsd``: ``y = x @ W.T``    -> ``dx = dds(dy, W)``, ``dW = sdd(dy, x)``
-* ``bsmm_dds``: ``z = g @ W``      -> ``dg = dsd(dz, W)``, ``dW = sdd(g, dz)``
-* ``bsmm_sdd``: ``S = sdd(g, x)``  -> ``dg = dsd(x, dS)``, ``dx = dds(g, dS)``
+* ``linear_forward``: ``y = x @ W.T``    -> ``dx = dds(dy, W)``, ``dW = sdd(dy, x)``
+* ``linear_grad_input``: ``z = g @ W``      -> ``dg = dsd(dz, W)``, ``dW = sdd(g, dz)``
+* ``linear_grad_weight``: ``S = sdd(g, x)``  -> ``dg = dsd(x, dS)``, ``dx = dds(g, dS)``
 
 Plain eager calls take a shorter road to the same kernels: :class:`EagerLinear` (the forward and
-backward of ``bsmm_dsd`` as an ``autograd.Function``) and, in a backward that builds no graph, a
-backend's fused ``bsmm_backward`` when it has one (numba: one transpose of ``dy`` for both
+backward of ``linear_forward`` as an ``autograd.Function``) and, in a backward that builds no graph, a
+backend's fused ``linear_backward`` when it has one (numba: one transpose of ``dy`` for both
 gradients at block size 1). Tracing, fake tensors and double backward use the custom ops.
 """
 from __future__ import annotations
@@ -105,20 +105,46 @@ def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> tuple:
     return parts
 
 
+_ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": TypeError}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype,
+                      block_size=None) -> tuple[str, str]:
+    """``(backend name, "")``, or ``(error type name, message)``; a constant under torch.compile.
+
+    Under ``torch.compile`` this runs once, when the graph is traced, and its result is baked in
+    (so ``$SET_KERNELS_BACKEND`` is read at compile time). Returning the error instead of raising
+    it lets the caller raise it as the same exception type, compiled or not.
+    """
+    try:
+        return backends.resolve(backend, op, device, dtype, block_size), ""
+    except (ValueError, RuntimeError, TypeError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+def resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_size=None) -> str:
+    """:func:`set_kernels.backends.resolve`, traceable by torch.compile without a graph break."""
+    name, error = _resolve_or_error(backend, op, device, dtype, block_size)
+    if error:
+        raise _ERRORS[name](error)
+    return name
+
+
 # ------------------------------------------------------------------------------------- forward
 def _dsd_impl(x, values, index, bias, rows, cols, block_size, backend):
     row_ptr, col_idx, *_ = check_index(index, rows, cols, block_size)
-    return backends.get(backend).bsmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
+    return backends.get(backend).linear_forward(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
 
 
 def _dds_impl(dy, values, index, rows, cols, block_size, backend):
     _, _, _, col_ptr, row_idx, perm = check_index(index, rows, cols, block_size)
-    return backends.get(backend).bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
+    return backends.get(backend).linear_grad_input(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
 
 
 def _sdd_impl(dy, x, index, rows, cols, block_size, backend):
     _, col_idx, block_row, *_ = check_index(index, rows, cols, block_size)
-    return backends.get(backend).bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size)
+    return backends.get(backend).linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size)
 
 
 def plain_eager(*tensors) -> bool:
@@ -136,14 +162,14 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 
 
-@torch.library.custom_op("set_kernels::bsmm_dsd", mutates_args=())
-def bsmm_dsd(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
+@torch.library.custom_op("set_kernels::linear_forward", mutates_args=())
+def linear_forward(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
              block_size: int, backend: str) -> Tensor:
     """``y (M, rows) = x (M, cols) @ W.T + bias``, W given by ``values (nnz, b, b)`` on the layout."""
     return _dsd_impl(x, values, index, bias, rows, cols, block_size, backend)
 
 
-@bsmm_dsd.register_fake
+@linear_forward.register_fake
 def _(x, values, index, bias, rows, cols, block_size, backend):
     return x.new_empty(x.shape[0], rows)
 
@@ -164,14 +190,14 @@ def _dsd_backward(ctx, dy):
     # differentiable, traceable custom ops.
     direct = not torch.is_grad_enabled() and plain_eager(dy, x, values)
     need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    fused = getattr(backends.get(backend), "bsmm_backward", None) if direct else None
+    fused = getattr(backends.get(backend), "linear_backward", None) if direct else None
     if fused is not None and (need_dx or need_dv):
         # one call for both gradients (a backend may share work between them)
         parts = check_index(index, rows, cols, b)
         row_ptr, col_idx, block_row, col_ptr, row_idx, perm = parts
         dx, dv = fused(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, b, need_dx, need_dv)
     else:
-        dds, sdd = (_dds_impl, _sdd_impl) if direct else (bsmm_dds, bsmm_sdd)
+        dds, sdd = (_dds_impl, _sdd_impl) if direct else (linear_grad_input, linear_grad_weight)
         if need_dx:
             dx = dds(dy, values, index, rows, cols, b, backend)
         if need_dv:
@@ -181,11 +207,11 @@ def _dsd_backward(ctx, dy):
     return dx, dv, None, dbias, None, None, None, None
 
 
-bsmm_dsd.register_autograd(_dsd_backward, setup_context=_dsd_setup)
+linear_forward.register_autograd(_dsd_backward, setup_context=_dsd_setup)
 
 
 class EagerLinear(torch.autograd.Function):
-    """``bsmm_dsd`` with its autograd formula, for plain eager calls (see :func:`plain_eager`).
+    """``linear_forward`` with its autograd formula, for plain eager calls (see :func:`plain_eager`).
 
     The same kernels, saved tensors and backward as the custom op, without its dispatch, which
     costs tens of microseconds a call: at small batches (a SET-MLP step at batch 40) that was a
@@ -204,20 +230,20 @@ class EagerLinear(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------- input gradient
-@torch.library.custom_op("set_kernels::bsmm_dds", mutates_args=())
-def bsmm_dds(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
+@torch.library.custom_op("set_kernels::linear_grad_input", mutates_args=())
+def linear_grad_input(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
              backend: str) -> Tensor:
     """``dx (M, cols) = dy (M, rows) @ W``, walking the transposed index (no atomics)."""
     return _dds_impl(dy, values, index, rows, cols, block_size, backend)
 
 
-@bsmm_dds.register_fake
+@linear_grad_input.register_fake
 def _(dy, values, index, rows, cols, block_size, backend):
     return dy.new_empty(dy.shape[0], cols)
 
 
 def _save_operands(ctx, inputs, output):
-    """setup_context of bsmm_dds and bsmm_sdd: ``(a, b, index, rows, cols, block_size, backend)``."""
+    """setup_context of linear_grad_input and linear_grad_weight: ``(a, b, index, rows, cols, block_size, backend)``."""
     ctx.save_for_backward(*inputs[:3])
     ctx.meta = tuple(inputs[3:])
 
@@ -228,24 +254,24 @@ def _dds_backward(ctx, dz):
     dz = dz.contiguous()
     dg = dv = None
     if ctx.needs_input_grad[0]:
-        dg = bsmm_dsd(dz, values, index, None, rows, cols, b, backend)
+        dg = linear_forward(dz, values, index, None, rows, cols, b, backend)
     if ctx.needs_input_grad[1]:
-        dv = bsmm_sdd(g, dz, index, rows, cols, b, backend)
+        dv = linear_grad_weight(g, dz, index, rows, cols, b, backend)
     return dg, dv, None, None, None, None, None
 
 
-bsmm_dds.register_autograd(_dds_backward, setup_context=_save_operands)
+linear_grad_input.register_autograd(_dds_backward, setup_context=_save_operands)
 
 
 # ------------------------------------------------------------------------------ weight gradient
-@torch.library.custom_op("set_kernels::bsmm_sdd", mutates_args=())
-def bsmm_sdd(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
+@torch.library.custom_op("set_kernels::linear_grad_weight", mutates_args=())
+def linear_grad_weight(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
              backend: str) -> Tensor:
     """``dv (nnz, b, b)``: ``dy (M, rows).T @ x (M, cols)`` on the live blocks only."""
     return _sdd_impl(dy, x, index, rows, cols, block_size, backend)
 
 
-@bsmm_sdd.register_fake
+@linear_grad_weight.register_fake
 def _(dy, x, index, rows, cols, block_size, backend):
     nnz = split_index(index, rows, cols, block_size)[1].shape[0]
     return dy.new_empty(nnz, block_size, block_size)
@@ -257,13 +283,13 @@ def _sdd_backward(ctx, ds):
     ds = ds.contiguous()
     dg = dx = None
     if ctx.needs_input_grad[0]:
-        dg = bsmm_dsd(x, ds, index, None, rows, cols, b, backend)
+        dg = linear_forward(x, ds, index, None, rows, cols, b, backend)
     if ctx.needs_input_grad[1]:
-        dx = bsmm_dds(g, ds, index, rows, cols, b, backend)
+        dx = linear_grad_input(g, ds, index, rows, cols, b, backend)
     return dg, dx, None, None, None, None, None
 
 
-bsmm_sdd.register_autograd(_sdd_backward, setup_context=_save_operands)
+linear_grad_weight.register_autograd(_sdd_backward, setup_context=_save_operands)
 
 
 # ---------------------------------------------------------------------- dense <-> block values

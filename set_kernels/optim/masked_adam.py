@@ -29,7 +29,7 @@ class MaskedAdam(torch.optim.Optimizer):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
         # Reuse the op's checks for the hyper-parameters, so errors read the same everywhere.
-        ops._check_hyper(1, lr, betas[0], betas[1], eps, weight_decay)
+        ops._adam._check_hyper(1, lr, betas[0], betas[1], eps, weight_decay)
         if backend is not None:
             check_choice("backend", backend, backends.BACKENDS + ("auto",))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,

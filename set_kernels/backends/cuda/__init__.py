@@ -4,8 +4,8 @@
 dtype code and the current CUDA stream. Importing this module never fails; when ``_C`` was not
 built or there is no usable GPU, :func:`availability` says why and the ops raise RuntimeError.
 
-Ops (``SUPPORTED_OPS``): the three block-sparse matmuls ``bsmm_dsd`` (forward, bias fused),
-``bsmm_dds`` (dX through the transposed index, no atomics) and ``bsmm_sdd`` (dW on the live
+Ops (``SUPPORTED_OPS``): the three block-sparse matmuls ``linear_forward`` (forward, bias fused),
+``linear_grad_input`` (dX through the transposed index, no atomics) and ``linear_grad_weight`` (dW on the live
 blocks, deterministic split-K), on the tensor cores (wmma) with fp32 accumulation, and the fused
 masked Adam/AdamW ``masked_adam_``. fp32, fp16 and bf16; block sizes 16, 32, 64 and 128.
 
@@ -26,7 +26,7 @@ import torch
 
 NAME = "cuda"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_OPS = ("bsmm_dsd", "bsmm_dds", "bsmm_sdd", "masked_adam_")
+SUPPORTED_OPS = ("linear_forward", "linear_grad_input", "linear_grad_weight", "masked_adam_")
 BLOCK_SIZES = (16, 32, 64, 128)
 # "3xtf32" (default, ~fp32 accuracy) or "tf32" (one TF32 pass): how fp32 matmuls use the tensor cores.
 FP32_MATMUL = "3xtf32"
@@ -278,8 +278,8 @@ def _grid(rows: int, cols: int, b: int, nnz: int, name: str) -> tuple[int, int]:
     return n_rows, n_cols
 
 
-def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
-    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` with the ``_C.bsmm_dsd`` kernel.
+def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` with the ``_C.linear_forward`` kernel.
 
     x: ``(M, cols)``, fp32/fp16/bf16 CUDA tensor; values: ``(nnz, b, b)`` of x's dtype, CSR order;
     row_ptr: int32 ``(R + 1,)``; col_idx: int32 ``(nnz,)``; bias: ``(rows,)`` of x's dtype or None.
@@ -305,15 +305,15 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     if M == 0:
         return y
     with torch.cuda.device(device):
-        ext.bsmm_dsd(x.data_ptr(), _row_stride(x), v.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr(),
+        ext.linear_forward(x.data_ptr(), _row_stride(x), v.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr(),
                      bias.data_ptr() if bias is not None else 0, y.data_ptr(), y.stride(0), M, rows, cols, nnz,
                      b, _DTYPE_CODES[dtype], _tf32(dtype), torch.cuda.current_stream(device).cuda_stream,
                      _device_index(device))
     return y
 
 
-def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
-    """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` with ``_C.bsmm_dds`` (CSC walk, no atomics).
+def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` with ``_C.linear_grad_input`` (CSC walk, no atomics).
 
     dy: ``(M, rows)``; values: ``(nnz, b, b)`` in CSR order; col_ptr: int32 ``(C + 1,)``;
     row_idx, perm: int32 ``(nnz,)`` (CSC order, ``perm`` maps to the values index).
@@ -335,18 +335,18 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     if M == 0:
         return dx
     with torch.cuda.device(device):
-        ext.bsmm_dds(dy.data_ptr(), _row_stride(dy), v.data_ptr(), col_ptr.data_ptr(), row_idx.data_ptr(),
+        ext.linear_grad_input(dy.data_ptr(), _row_stride(dy), v.data_ptr(), col_ptr.data_ptr(), row_idx.data_ptr(),
                      perm.data_ptr(), dx.data_ptr(), dx.stride(0), M, rows, cols, nnz, b, _DTYPE_CODES[dtype],
                      _tf32(dtype), torch.cuda.current_stream(device).cuda_stream, _device_index(device))
     return dx
 
 
-def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *, splits=None) -> torch.Tensor:
-    """Weight gradient on the live blocks with ``_C.bsmm_sdd``: ``dv (nnz, b, b)``,
+def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *, splits=None) -> torch.Tensor:
+    """Weight gradient on the live blocks with ``_C.linear_grad_weight``: ``dv (nnz, b, b)``,
     ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``; exact zeros past the matrix edge.
 
     dy: ``(M, rows)``, x: ``(M, cols)`` of one dtype; block_row, col_idx: int32 ``(nnz,)``.
-    The tokens are split deterministically (``_C.bsmm_sdd_splits``, a function of the shape) and
+    The tokens are split deterministically (``_C.linear_grad_weight_splits``, a function of the shape) and
     the fp32 partials summed in a fixed order; ``splits`` overrides the split count (tests).
     """
     ext = _require()
@@ -368,12 +368,12 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *
     if nnz == 0:
         return out
     if splits is None:
-        splits = ext.bsmm_sdd_splits(M, nnz, b)
+        splits = ext.linear_grad_weight_splits(M, nnz, b)
     splits = int(splits)
     with torch.cuda.device(device):
-        ws_numel = ext.bsmm_sdd_workspace_numel(splits, nnz, b) if M > 0 else 0
+        ws_numel = ext.linear_grad_weight_workspace_numel(splits, nnz, b) if M > 0 else 0
         ws = torch.empty(ws_numel, dtype=torch.float32, device=device) if ws_numel else None
-        ext.bsmm_sdd(dy.data_ptr(), _row_stride(dy), x.data_ptr(), _row_stride(x), block_row.data_ptr(),
+        ext.linear_grad_weight(dy.data_ptr(), _row_stride(dy), x.data_ptr(), _row_stride(x), block_row.data_ptr(),
                      col_idx.data_ptr(), out.data_ptr(), ws.data_ptr() if ws is not None else 0, ws_numel, M,
                      rows, cols, nnz, b, _DTYPE_CODES[dtype], splits, _tf32(dtype),
                      torch.cuda.current_stream(device).cuda_stream, _device_index(device))

@@ -170,7 +170,7 @@ def _check_index(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name}: expected a contiguous int32 tensor, got {t.dtype}")
 
 
-def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None)."""
     bsmm = _load()[0]
     b = int(block_size)
@@ -195,16 +195,16 @@ def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size
     if b == 1:
         spmm = _load()[3]
         (xT,) = _scratch(xn.dtype, (cols, M))
-        spmm.spmm(xn, _np(values).reshape(-1), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), xT,
+        spmm.linear_forward(xn, _np(values).reshape(-1), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), xT,
                   spmm.TOKEN_TILE, spmm.ROW_CHUNK)
         return y
     (xb,) = _scratch(xn.dtype, (-(-cols // b), M, b))
-    bsmm.dsd(xn, _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
+    bsmm.linear_forward(xn, _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
              bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(cols, b, xn.itemsize), xb)
     return y
 
 
-def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W``, through the transposed (CSC) index."""
     bsmm = _load()[0]
     b = int(block_size)
@@ -221,16 +221,16 @@ def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_siz
     if b == 1:
         spmm = _load()[3]
         (dyT,) = _scratch(dyn.dtype, (rows, M))
-        spmm.spmm_t(dyn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), dyT,
+        spmm.linear_grad_input(dyn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), dyT,
                     spmm.TOKEN_TILE, spmm.ROW_CHUNK)
         return dx
     (dyb,) = _scratch(dyn.dtype, (-(-rows // b), M, b))
-    bsmm.dds(dyn, _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
+    bsmm.linear_grad_input(dyn, _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
              bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(rows, b, dyn.itemsize), dyb)
     return dx
 
 
-def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -> torch.Tensor:
+def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Weight gradient on the live blocks: ``dv (nnz, b, b)``, ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``."""
     bsmm = _load()[0]
     b = int(block_size)
@@ -248,24 +248,24 @@ def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -
     if b == 1:
         spmm = _load()[3]
         dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
-        spmm.sddmm(dyn, xn, _np(block_row), _np(col_idx), dv.numpy().reshape(-1), dyT, xT, spmm.ENTRY_CHUNK)
+        spmm.linear_grad_weight(dyn, xn, _np(block_row), _np(col_idx), dv.numpy().reshape(-1), dyT, xT, spmm.ENTRY_CHUNK)
         return dv
     dyt, xt = _scratch(dyn.dtype, (-(-rows // b), b, M), (-(-cols // b), b, M))
-    bsmm.sdd(dyn, xn, _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK, dyt, xt)
+    bsmm.linear_grad_weight(dyn, xn, _np(block_row), _np(col_idx), dv.numpy(), rows, cols, b, bsmm.M_CHUNK, dyt, xt)
     return dv
 
 
-def bsmm_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows: int, cols: int,
+def linear_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows: int, cols: int,
                   block_size: int, need_dx: bool, need_dv: bool):
     """``(dx, dv)`` of the forward in one call (None for what is not needed): at block size 1 the
-    two kernels share one transpose of ``dy``; other block sizes call :func:`bsmm_dds` and
-    :func:`bsmm_sdd`."""
+    two kernels share one transpose of ``dy``; other block sizes call :func:`linear_grad_input` and
+    :func:`linear_grad_weight`."""
     b = int(block_size)
     M = dy.shape[0]
     nnz = values.shape[0]
     if b != 1 or M == 0 or nnz == 0:
-        dx = bsmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size) if need_dx else None
-        dv = bsmm_sdd(dy, x, block_row, col_idx, rows, cols, block_size) if need_dv else None
+        dx = linear_grad_input(dy, values, col_ptr, row_idx, perm, rows, cols, block_size) if need_dx else None
+        dv = linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size) if need_dv else None
         return dx, dv
     spmm = _load()[3]
     for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm"), (block_row, "block_row"),
@@ -275,7 +275,7 @@ def bsmm_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, row
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype)
     dyn, xn = _np(dy), _np(x)
     dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
-    spmm.backward(dyn, xn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
+    spmm.linear_backward(dyn, xn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
                   _np(col_idx), bool(need_dx), bool(need_dv), dx.numpy(), dv.numpy().reshape(-1), dyT, xT,
                   spmm.TOKEN_TILE, spmm.ROW_CHUNK, spmm.ENTRY_CHUNK)
     return (dx if need_dx else None), (dv if need_dv else None)
@@ -333,7 +333,7 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: 
             mask_np, has_mask = _NO_MASK.numpy(), False
         else:
             mask_np, has_mask = _np(mask.view(torch.uint8)).reshape(-1), True
-        adam.adam_step(_np(p).reshape(-1), _np(g).reshape(-1), _np(m).reshape(-1), _np(v).reshape(-1), mask_np,
+        adam.masked_adam_(_np(p).reshape(-1), _np(g).reshape(-1), _np(m).reshape(-1), _np(v).reshape(-1), mask_np,
                        has_mask, hps[acc], coupled, grad_scale is not None, adam.RUN)
         if has_mask and refill:
             with torch.no_grad():

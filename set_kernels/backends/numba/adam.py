@@ -54,7 +54,7 @@ def _update(p0, g0, m0, v0, omb1, beta2, omb2, step_size, bc2_sqrt, eps, p_facto
 
 
 @njit(parallel=True, fastmath=set(FASTMATH), cache=True)
-def adam_step(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale, run):
+def masked_adam_(p, g, m, v, mask, has_mask, hp, coupled_wd, has_scale, run):
     """In-place Adam step on the flat arrays p, g, m, v; mask (uint8, flat) used when has_mask.
 
     ``coupled_wd``: add ``hp[HP_G_WD] * p`` to the gradient (Adam's L2 weight decay);

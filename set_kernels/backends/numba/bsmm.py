@@ -45,7 +45,7 @@ def token_tile(b: int) -> int:
 
 # Reduction length per packed chunk (a multiple of every block size): bounds the packed x tile.
 K_CHUNK = 512
-# Bytes of the block-laid-out dense operand one pass over the weights may touch (see _dsd_core).
+# Bytes of the block-laid-out dense operand one pass over the weights may touch (see _forward_core).
 PASS_BYTES = 8 << 20
 
 
@@ -113,7 +113,7 @@ def _to_blocks_t(a, n, b, out):
 
 
 @njit(**_FLAGS)
-def _dsd_core(ab, v, ptr, idx, perm, use_perm, trans, bias, has_bias, out, n_out, n_in, b, TT, KC, MS):
+def _forward_core(ab, v, ptr, idx, perm, use_perm, trans, bias, has_bias, out, n_out, n_in, b, TT, KC, MS):
     """out (M, n_out) = a (M, n_in) @ Op.T, with Op given block-sparse by a compressed index.
 
     ``ab`` is ``a`` in ``(ceil(n_in/b), M, b)`` block layout (zero-padded). Output block ``o`` owns
@@ -277,23 +277,23 @@ def _dsd_core(ab, v, ptr, idx, perm, use_perm, trans, bias, has_bias, out, n_out
 
 
 @njit(**_SERIAL)
-def dsd(x, v, row_ptr, col_idx, bias, has_bias, out, rows, cols, b, TT, KC, MS, xb):
+def linear_forward(x, v, row_ptr, col_idx, bias, has_bias, out, rows, cols, b, TT, KC, MS, xb):
     """Forward: out (M, rows) = x (M, cols) @ W.T (+ bias); xb: scratch (ceil(cols/b), M, b)."""
     _to_blocks(x, cols, b, xb)
-    _dsd_core(xb, v, row_ptr, col_idx, col_idx, False, False, bias, has_bias, out, rows, cols, b, TT, KC, MS)
+    _forward_core(xb, v, row_ptr, col_idx, col_idx, False, False, bias, has_bias, out, rows, cols, b, TT, KC, MS)
 
 
 @njit(**_SERIAL)
-def dds(dy, v, col_ptr, row_idx, perm, out, rows, cols, b, TT, KC, MS, dyb):
+def linear_grad_input(dy, v, col_ptr, row_idx, perm, out, rows, cols, b, TT, KC, MS, dyb):
     """Input gradient: out (M, cols) = dy (M, rows) @ W through the transposed index;
     dyb: scratch (ceil(rows/b), M, b)."""
     _to_blocks(dy, rows, b, dyb)
-    _dsd_core(dyb, v, col_ptr, row_idx, perm, True, True, np.empty(0, dtype=v.dtype), False, out, cols, rows, b,
+    _forward_core(dyb, v, col_ptr, row_idx, perm, True, True, np.empty(0, dtype=v.dtype), False, out, cols, rows, b,
               TT, KC, MS)
 
 
 @njit(**_FLAGS)
-def _sdd_core(dyt, xt, block_row, col_idx, out, rows, cols, b, MC):
+def _grad_weight_core(dyt, xt, block_row, col_idx, out, rows, cols, b, MC):
     """out[k, i, j] = sum_t dyt[block_row[k], i, t] * xt[col_idx[k], j, t]; 0 past the edges."""
     M = dyt.shape[2]
     nnz = block_row.shape[0]
@@ -399,9 +399,9 @@ def _sdd_core(dyt, xt, block_row, col_idx, out, rows, cols, b, MC):
 
 
 @njit(**_SERIAL)
-def sdd(dy, x, block_row, col_idx, out, rows, cols, b, MC, dyt, xt):
+def linear_grad_weight(dy, x, block_row, col_idx, out, rows, cols, b, MC, dyt, xt):
     """Weight gradient on live blocks: out[k] = dy[:, rows of k].T @ x[:, cols of k];
     dyt, xt: scratch (ceil(rows/b), b, M) and (ceil(cols/b), b, M)."""
     _to_blocks_t(dy, rows, b, dyt)
     _to_blocks_t(x, cols, b, xt)
-    _sdd_core(dyt, xt, block_row, col_idx, out, rows, cols, b, MC)
+    _grad_weight_core(dyt, xt, block_row, col_idx, out, rows, cols, b, MC)

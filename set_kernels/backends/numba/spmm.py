@@ -159,21 +159,21 @@ def _spmm_t(aT, v, ptr, idx, perm, use_perm, bias, has_bias, out, TM, RC):
 
 
 @njit(**_SERIAL)
-def spmm(x, v, row_ptr, col_idx, bias, has_bias, y, xT, TM, RC):
+def linear_forward(x, v, row_ptr, col_idx, bias, has_bias, y, xT, TM, RC):
     """Forward ``y (M, rows) = x (M, cols) @ W.T (+ bias)``; ``xT (cols, M)`` scratch."""
     transpose(x, xT)
     _spmm_t(xT, v, row_ptr, col_idx, col_idx, False, bias, has_bias, y, TM, RC)
 
 
 @njit(**_SERIAL)
-def spmm_t(dy, v, col_ptr, row_idx, perm, dx, dyT, TM, RC):
+def linear_grad_input(dy, v, col_ptr, row_idx, perm, dx, dyT, TM, RC):
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` through the transposed index."""
     transpose(dy, dyT)
     _spmm_t(dyT, v, col_ptr, row_idx, perm, True, v[:0], False, dx, TM, RC)
 
 
 @njit(**_SERIAL)
-def backward(dy, x, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, dyT, xT, TM, RC, EC):
+def linear_backward(dy, x, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, dyT, xT, TM, RC, EC):
     """Both gradients of the forward from one transpose of ``dy``: ``dx (M, cols) = dy @ W`` when
     ``need_dx`` and ``dv[e] = sum_t dy[t, row[e]] * x[t, col[e]]`` when ``need_dv``."""
     transpose(dy, dyT)
@@ -204,7 +204,7 @@ def _sddmm_t(dyT, xT, row, col, out, EC):
 
 
 @njit(**_SERIAL)
-def sddmm(dy, x, row, col, out, dyT, xT, EC):
+def linear_grad_weight(dy, x, row, col, out, dyT, xT, EC):
     """Weight gradient on live entries: ``out[e] = sum_t dy[t, row[e]] * x[t, col[e]]``."""
     transpose(dy, dyT)
     transpose(x, xT)

@@ -1,8 +1,8 @@
 """Triton backend: block-sparse matmuls (forward, dX, dW) and the fused masked Adam/AdamW.
 
 One file per op, each holding its kernels, launcher and autotune configs:
-:mod:`.bsmm_dsd` (forward, fused bias), :mod:`.bsmm_dds` (input gradient through the transposed
-index, no atomics), :mod:`.bsmm_sdd` (weight gradient on live blocks, deterministic split-K) and
+:mod:`.linear_forward` (forward, fused bias), :mod:`.linear_grad_input` (input gradient through the transposed
+index, no atomics), :mod:`.linear_grad_weight` (weight gradient on live blocks, deterministic split-K) and
 :mod:`.masked_adam` (multi-tensor, one launch per dtype group, AMP-aware with no host sync).
 Element sparsity (``block_size == 1``, plain CSR) has its own kernels in :mod:`.spmm` (SpMM for
 the forward and dX over transposed activations, SDDMM for dW); the ``bsmm_*`` functions of this
@@ -45,24 +45,24 @@ DEVICES = ("cpu",) if INTERPRET else ("cuda",)
 
 if _common is not None:
     from . import spmm as _spmm
-    from .bsmm_dds import bsmm_dds as _block_dds
-    from .bsmm_dsd import bsmm_dsd as _block_dsd
-    from .bsmm_sdd import bsmm_sdd as _block_sdd
+    from .linear_grad_input import linear_grad_input as _block_dds
+    from .linear_forward import linear_forward as _block_dsd
+    from .linear_grad_weight import linear_grad_weight as _block_sdd
     from .masked_adam import masked_adam_
 
-    def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
         """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (b = 1: :func:`.spmm.spmm_dsd`)."""
         if int(block_size) == 1:
             return _spmm.spmm_dsd(x, values, row_ptr, col_idx, bias, rows, cols)
         return _block_dsd(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
 
-    def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
         """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` (b = 1: :func:`.spmm.spmm_dds`)."""
         if int(block_size) == 1:
             return _spmm.spmm_dds(dy, values, col_ptr, row_idx, perm, rows, cols)
         return _block_dds(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
 
-    def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, **kwargs) -> torch.Tensor:
+    def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, **kwargs) -> torch.Tensor:
         """Weight gradient ``dv (nnz, b, b)`` on live blocks (b = 1: :func:`.spmm.spmm_sdd`).
 
         ``kwargs`` (``splits``) go to the block kernel's split-K; b = 1 takes none.

@@ -64,7 +64,7 @@ def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_
     q0 = tl.load(col_ptr + c)
     q1 = tl.load(col_ptr + c + 1)
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-    # Indices loaded one iteration ahead, so that the loop pipelines (see bsmm_dsd).
+    # Indices loaded one iteration ahead, so that the loop pipelines (see linear_forward).
     r = tl.load(row_idx + q0, mask=q0 < q1, other=0)
     k = tl.load(perm + q0, mask=q0 < q1, other=0)
     for q in range(q0, q1):
@@ -89,7 +89,7 @@ def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_
     tl.store(dx_ptrs, _common.cast_out(acc, dx_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & j_ok[None, :])
 
 
-def bsmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
+def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W``.
 
     ``dy`` ``(M, rows)`` fp32/fp16/bf16 contiguous; ``values`` ``(nnz, b, b)`` same dtype, CSR

@@ -94,7 +94,7 @@ def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, 
     tl.store(y_ptrs, _common.cast_out(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & i_ok[None, :])
 
 
-def bsmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
+def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias``.
 
     ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous; ``values`` ``(nnz, b, b)`` same dtype, CSR

@@ -12,7 +12,7 @@ bit-for-bit reproducible, run to run. Rule (:func:`choose_splits`): split only w
 ``nnz < sms`` and ``M >= 2 * SPLIT_MIN_TOKENS``; then use enough splits for about two programs
 per SM, each reducing at least ``SPLIT_MIN_TOKENS`` tokens, at most ``MAX_SPLITS``.
 
-The split count changes the order of the sum, hence the bits of the result. So :func:`bsmm_sdd`
+The split count changes the order of the sum, hence the bits of the result. So :func:`linear_grad_weight`
 applies the rule with a fixed ``sms = SPLIT_SMS`` (132, an H100/H200), not the device's own
 count: the split depends on the shape only, as in the cuda backend, and the same shape splits
 the same way on every GPU (an A100 with 108 SMs just gets a few more programs than it has
@@ -105,7 +105,7 @@ def choose_splits(nnz: int, M: int, sms: int) -> int:
     return max(1, min(triton.cdiv(2 * sms, nnz), M // SPLIT_MIN_TOKENS, MAX_SPLITS))
 
 
-def bsmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *, splits=None) -> torch.Tensor:
+def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int, *, splits=None) -> torch.Tensor:
     """Weight gradient on the live blocks: ``dv (nnz, b, b)``, ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``.
 
     ``dy`` ``(M, rows)`` and ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous, one dtype;
