@@ -6,6 +6,7 @@ import math
 import torch
 
 from .._checks import check_same_device, check_tensor
+from .. import backends
 from . import _library
 
 
@@ -84,14 +85,14 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
             if t.numel() != 1:
                 raise ValueError(f"{name}: expected a 1-element tensor, got shape {tuple(t.shape)}")
     device = check_same_device(params=params[0], grad_scale=grad_scale, found_inf=found_inf)
-    chosen = {dt: _library.resolve(backend, "masked_adam_", device, dt) for dt in {p.dtype for p in params}}
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(chosen[p.dtype], []).append(i)
-    for name, idx in groups.items():  # one fused call per backend (usually exactly one)
-        _library.masked_adam_(
-            [params[i] for i in idx], [grads[i].contiguous() for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [_contiguous(masks[i]) for i in idx], grad_scale, found_inf, step,
-            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            bool(decoupled_weight_decay), name,
-        )
+    explicit = backend is not None and backend != "auto"
+    for dt in {p.dtype for p in params}:  # raises here, naming the argument, when no backend can run it
+        _library.resolve(backend, "masked_adam_", device, dt)
+    args = ([p for p in params], [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
+            [_contiguous(m) for m in masks], grad_scale, found_inf, step, float(lr), float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(decoupled_weight_decay))
+    if explicit:
+        with backends.use(backend):  # the op's kernel picks the backend when it runs
+            _library.masked_adam_(*args)
+    else:
+        _library.masked_adam_(*args)

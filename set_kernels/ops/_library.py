@@ -340,20 +340,39 @@ from_dense.register_autograd(_from_dense_backward, setup_context=_layout_setup)
 
 
 # -------------------------------------------------------------------------------- masked Adam
-@torch.library.custom_op("set_kernels::masked_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def _masked_adam_kernel(params, grads, exp_avgs, exp_avg_sqs, masks, grad_scale, found_inf, step, lr, beta1,
+                        beta2, eps, weight_decay, decoupled_weight_decay):
+    """The CPU and CUDA kernel of ``masked_adam_``: one fused backend call per backend chosen now
+    (:func:`set_kernels.backends.choose`, per parameter dtype; usually exactly one)."""
+    if not params:
+        return
+    chosen = {dt: backends.choose("masked_adam_", params[0].device, dt) for dt in {p.dtype for p in params}}
+    groups: dict = {}
+    for i, p in enumerate(params):
+        groups.setdefault(chosen[p.dtype], []).append(i)
+    for name, idx in groups.items():
+        pick = (lambda seq: seq) if len(groups) == 1 else (lambda seq: [seq[i] for i in idx])
+        backends.get(name).masked_adam_(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(masks), step=step, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale, found_inf=found_inf)
+
+
+@torch.library.custom_op("set_kernels::masked_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
+                         device_types="cpu")
 def masked_adam_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                  exp_avg_sqs: List[Tensor], masks: List[Optional[Tensor]], grad_scale: Optional[Tensor],
                  found_inf: Optional[Tensor], step: int, lr: float, beta1: float, beta2: float,
-                 eps: float, weight_decay: float, decoupled_weight_decay: bool, backend: str) -> None:
+                 eps: float, weight_decay: float, decoupled_weight_decay: bool) -> None:
     """In-place fused masked Adam/AdamW over lists of tensors (see ``set_kernels.ops.masked_adam_``)."""
-    backends.get(backend).masked_adam_(
-        params, grads, exp_avgs, exp_avg_sqs, masks, step=step, lr=lr, beta1=beta1, beta2=beta2,
-        eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-        grad_scale=grad_scale, found_inf=found_inf,
-    )
+    _masked_adam_kernel(params, grads, exp_avgs, exp_avg_sqs, masks, grad_scale, found_inf, step, lr, beta1,
+                        beta2, eps, weight_decay, decoupled_weight_decay)
+
+
+masked_adam_.register_kernel("cuda")(_masked_adam_kernel)
 
 
 @masked_adam_.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, masks, grad_scale, found_inf, step, lr, beta1, beta2,
-      eps, weight_decay, decoupled_weight_decay, backend):
+      eps, weight_decay, decoupled_weight_decay):
     return None
