@@ -55,8 +55,12 @@ def cpu_backend(request) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
-    """Tests start with no $SET_KERNELS_BACKEND, so that 'auto' means auto."""
+    """Tests start with no $SET_KERNELS_BACKEND, so that 'auto' means auto, and with no cached
+    backend availability (a test may patch a backend; the cache must not outlive the patch)."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    backends.clear_cache()
+    yield
+    backends.clear_cache()
 
 
 def gen(seed: int) -> torch.Generator:

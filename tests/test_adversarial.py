@@ -185,15 +185,16 @@ def test_raw_ops_reject_bad_index_before_kernel(backend, case, no_kernel):
     name, index, exc = _corruptions(layout)[case]
     rows, cols = SHAPE
     calls = [
-        lambda: OPS.linear_forward(x, values, index, None, rows, cols, B, backend),
-        lambda: OPS.linear_grad_input(dy, values, index, rows, cols, B, backend),
-        lambda: OPS.linear_grad_weight(dy, x, index, rows, cols, B, backend),
+        lambda: OPS.linear_forward(x, values, index, None, rows, cols, B),
+        lambda: OPS.linear_grad_input(dy, values, index, rows, cols, B),
+        lambda: OPS.linear_grad_weight(dy, x, index, rows, cols, B),
         lambda: OPS.to_dense(values, index, rows, cols, B),
         lambda: OPS.from_dense(randn(rows, cols, seed=4), index, rows, cols, B),
     ]
-    for call in calls:
-        with pytest.raises(exc, match="index"):
-            call()
+    with backends.use(backend):
+        for call in calls:
+            with pytest.raises(exc, match="index"):
+                call()
 
 
 @pytest.mark.parametrize("case", range(14))

@@ -136,6 +136,7 @@ def test_cuda_backend_refuses_block_size_1_with_reason_and_auto_picks_triton(mon
     assert backends.resolve(None, "linear_forward", cuda, torch.float32, 16) == "triton"
     # with triton out of the way, auto takes the next backend that serves b=1: torch, never cuda
     monkeypatch.setattr(backends.load("triton"), "availability", lambda: (False, "off"))
+    backends.clear_cache()  # availability is cached per process
     assert backends.resolve(None, "linear_forward", cuda, torch.float32, 1) == "torch"
     assert backends.resolve(None, "linear_forward", cuda, torch.float32, 16) == "cuda"
 

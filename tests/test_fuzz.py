@@ -160,10 +160,11 @@ def test_fuzz_raw_dds_and_sdd(backend, poison_alloc):
         dy = rnd(g, m, rows, dtype=dtype)
         x = rnd(g, m, cols, dtype=dtype)
         values = rnd(g, layout.nnz_blocks, b, b, dtype=dtype)
-        dx = OPS.linear_grad_input(dy, values, layout.index, rows, cols, b, backend)
-        assert_close_scaled(dx, dy.double() @ dense_ref(values, layout), TOL[dtype], "dds")
-        dv = OPS.linear_grad_weight(dy, x, layout.index, rows, cols, b, backend)
-        assert_close_scaled(dv, blocks_ref(dy.double().T @ x.double(), layout), TOL[dtype], "sdd")
+        with backends.use(backend):
+            dx = OPS.linear_grad_input(dy, values, layout.index, rows, cols, b)
+            dv = OPS.linear_grad_weight(dy, x, layout.index, rows, cols, b)
+        assert_close_scaled(dx, dy.double() @ dense_ref(values, layout), TOL[dtype], "linear_grad_input")
+        assert_close_scaled(dv, blocks_ref(dy.double().T @ x.double(), layout), TOL[dtype], "linear_grad_weight")
 
     run()
 

@@ -122,9 +122,9 @@ def test_fake_tensor_mode_past_2_31():
         x = torch.empty(2**13, cols)
         values = torch.empty(real.nnz_blocks, 128, 128)
         ops = torch.ops.set_kernels
-        assert ops.linear_forward(x, values, index, None, rows, cols, 128, "numba").shape == (2**13, rows)
-        assert ops.linear_grad_input(torch.empty(2**13, rows), values, index, rows, cols, 128, "numba").shape == x.shape
-        assert ops.linear_grad_weight(torch.empty(2**13, rows), x, index, rows, cols, 128, "numba").shape == values.shape
+        assert ops.linear_forward(x, values, index, None, rows, cols, 128).shape == (2**13, rows)
+        assert ops.linear_grad_input(torch.empty(2**13, rows), values, index, rows, cols, 128).shape == x.shape
+        assert ops.linear_grad_weight(torch.empty(2**13, rows), x, index, rows, cols, 128).shape == values.shape
 
 
 # ------------------------------------------------------------------- numba integer widths

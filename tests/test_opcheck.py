@@ -61,7 +61,8 @@ def test_opcheck_linear_forward(target, shape, has_bias):
     x = randn(5, cols, seed=1).to(dev).requires_grad_()
     values = randn(layout.nnz_blocks, b, b, seed=2).to(dev).requires_grad_()
     bias = randn(rows, seed=3).to(dev).requires_grad_() if has_bias else None
-    torch.library.opcheck(OPS.linear_forward.default, (x, values, layout.index, bias, rows, cols, b, backend))
+    with backends.use(backend):  # the op records no backend; its kernel picks this one
+        torch.library.opcheck(OPS.linear_forward.default, (x, values, layout.index, bias, rows, cols, b))
 
 
 @pytest.mark.parametrize("target", _targets("linear_grad_input"), ids=_ids, indirect=True)
@@ -72,7 +73,8 @@ def test_opcheck_linear_grad_input(target, shape):
     layout = layout_of(*shape, device=dev)
     dy = randn(5, rows, seed=1).to(dev).requires_grad_()
     values = randn(layout.nnz_blocks, b, b, seed=2).to(dev).requires_grad_()
-    torch.library.opcheck(OPS.linear_grad_input.default, (dy, values, layout.index, rows, cols, b, backend))
+    with backends.use(backend):  # the op records no backend; its kernel picks this one
+        torch.library.opcheck(OPS.linear_grad_input.default, (dy, values, layout.index, rows, cols, b))
 
 
 @pytest.mark.parametrize("target", _targets("linear_grad_weight"), ids=_ids, indirect=True)
@@ -83,7 +85,8 @@ def test_opcheck_linear_grad_weight(target, shape):
     layout = layout_of(*shape, device=dev)
     dy = randn(5, rows, seed=1).to(dev).requires_grad_()
     x = randn(5, cols, seed=2).to(dev).requires_grad_()
-    torch.library.opcheck(OPS.linear_grad_weight.default, (dy, x, layout.index, rows, cols, b, backend))
+    with backends.use(backend):  # the op records no backend; its kernel picks this one
+        torch.library.opcheck(OPS.linear_grad_weight.default, (dy, x, layout.index, rows, cols, b))
 
 
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
@@ -119,11 +122,12 @@ def test_opcheck_masked_adam(target, decoupled, amp):
     params, grads, exp_avgs, exp_avg_sqs, masks = (
         [None if t is None else t.to(dev) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, masks))
     grad_scale, found_inf = (None if t is None else t.to(dev) for t in (grad_scale, found_inf))
-    torch.library.opcheck(
-        OPS.masked_adam_.default,
-        (params, grads, exp_avgs, exp_avg_sqs, masks, grad_scale, found_inf, 3, 1e-2, 0.9, 0.999, 1e-8, 0.01,
-         decoupled, backend),
-    )
+    with backends.use(backend):
+        torch.library.opcheck(
+            OPS.masked_adam_.default,
+            (params, grads, exp_avgs, exp_avg_sqs, masks, grad_scale, found_inf, 3, 1e-2, 0.9, 0.999, 1e-8, 0.01,
+             decoupled),
+        )
 
 
 def test_compiled_linear_matches_eager(cpu_backend):

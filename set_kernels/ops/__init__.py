@@ -98,8 +98,15 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols).contiguous()
     values = values.contiguous()
-    fn = _library.EagerLinear.apply if _library.plain_eager(x2, values, bias) else _library.linear_forward
-    y = fn(x2, values, layout.index, bias, rows, cols, layout.block_size, name)
+    args = (x2, values, layout.index, bias, rows, cols, layout.block_size)
+    if _library.plain_eager(x2, values, bias):
+        y = _library.EagerLinear.apply(*args, name)
+    elif backend is None or backend == "auto" or torch.compiler.is_compiling():
+        # A traced graph records no backend: its ops choose when they run (see backends.use).
+        y = _library.linear_forward(*args)
+    else:
+        with backends.use(backend):
+            y = _library.linear_forward(*args)
     return y.reshape(*lead, rows)
 
 

@@ -1,15 +1,21 @@
 """torch.library custom ops: schemas, fake (meta) implementations and autograd.
 
 Every op takes the layout as one packed int32 ``index`` tensor (see
-:class:`set_kernels.layout.BlockSparseLayout`) plus ``rows``, ``cols`` and ``block_size``, and the
-name of an already-resolved backend. The ops are opaque to ``torch.compile``; validation happens
-in the public wrappers of :mod:`set_kernels.ops`, before any op is called.
+:class:`set_kernels.layout.BlockSparseLayout`) plus ``rows``, ``cols`` and ``block_size``. No op
+takes a backend: each has one kernel registered for CPU and one for CUDA tensors (the same
+function), which picks the backend when it runs, with :func:`set_kernels.backends.choose`
+(a ``backends.use()`` block, else ``$SET_KERNELS_BACKEND``, else the device's auto order). So a
+``torch.compile``d or ``torch.export``ed graph records no backend. The ops are opaque to
+``torch.compile``; validation happens in the public wrappers of :mod:`set_kernels.ops`, before
+any op is called, and the layout index is checked once per tensor version (:func:`check_index`).
 
-The three matmuls are each other's transposes, so every backward is written with them:
+The three matmuls are each other's transposes (``W`` is ``(rows, cols)``), so every backward is
+written with them:
 
-* ``linear_forward``: ``y = x @ W.T``    -> ``dx = dds(dy, W)``, ``dW = sdd(dy, x)``
-* ``linear_grad_input``: ``z = g @ W``      -> ``dg = dsd(dz, W)``, ``dW = sdd(g, dz)``
-* ``linear_grad_weight``: ``S = sdd(g, x)``  -> ``dg = dsd(x, dS)``, ``dx = dds(g, dS)``
+* ``linear_forward(x, W) = x @ W.T``      -> ``dx = linear_grad_input(dy, W)``, ``dW = linear_grad_weight(dy, x)``
+* ``linear_grad_input(g, W) = g @ W``     -> ``dg = linear_forward(dz, W)``, ``dW = linear_grad_weight(g, dz)``
+* ``linear_grad_weight(g, x) = g.T @ x``  -> ``dg = linear_forward(x, dS)``, ``dx = linear_grad_input(g, dS)``
+  (on live blocks only)
 
 Plain eager calls take a shorter road to the same kernels: :class:`EagerLinear` (the forward and
 backward of ``linear_forward`` as an ``autograd.Function``) and, in a backward that builds no graph, a
@@ -18,6 +24,8 @@ gradients at block size 1). Tracing, fake tensors and double backward use the cu
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
 from typing import List, Optional
 
@@ -124,27 +132,61 @@ def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype
 
 
 def resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_size=None) -> str:
-    """:func:`set_kernels.backends.resolve`, traceable by torch.compile without a graph break."""
+    """:func:`set_kernels.backends.resolve`, traceable by torch.compile without a graph break.
+
+    When tracing, a ``backend`` named explicitly is checked but not recorded: the traced op picks
+    its backend when the graph runs, and a warning says so once when that pick would differ.
+    """
     name, error = _resolve_or_error(backend, op, device, dtype, block_size)
     if error:
         raise _ERRORS[name](error)
+    if torch.compiler.is_compiling() and backend not in (None, "auto"):
+        _note_traced_backend(backend, op, device, dtype, block_size)
     return name
 
 
-# ------------------------------------------------------------------------------------- forward
-def _dsd_impl(x, values, index, bias, rows, cols, block_size, backend):
+_NOTED: set = set()
+
+
+@torch.compiler.assume_constant_result
+def _note_traced_backend(backend, op, device, dtype, block_size) -> bool:
+    runtime, error = _resolve_or_error(None, op, device, dtype, block_size)
+    key = (backend, runtime, device.type)
+    if not error and runtime != backend and key not in _NOTED:
+        _NOTED.add(key)
+        warnings.warn(f"backend={backend!r} is not recorded in a torch.compile or torch.export graph: its ops "
+                      f"choose their backend when they run, here {runtime!r}. Run the compiled model inside "
+                      f"`with set_kernels.backends.use({backend!r}):` (or set ${backends.ENV_VAR}) to use "
+                      f"{backend!r} there.", stacklevel=2)
+    return True
+
+
+# ------------------------------------------------------------------------------------- kernels
+def _forward(x, values, index, bias, rows, cols, block_size, backend=None):
+    name = backend or backends.choose("linear_forward", x.device, x.dtype, block_size)
     row_ptr, col_idx, *_ = check_index(index, rows, cols, block_size)
-    return backends.get(backend).linear_forward(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
+    return backends.get(name).linear_forward(x, values, row_ptr, col_idx, bias, rows, cols, block_size)
 
 
-def _dds_impl(dy, values, index, rows, cols, block_size, backend):
+def _grad_input(dy, values, index, rows, cols, block_size, backend=None):
+    name = backend or backends.choose("linear_grad_input", dy.device, dy.dtype, block_size)
     _, _, _, col_ptr, row_idx, perm = check_index(index, rows, cols, block_size)
-    return backends.get(backend).linear_grad_input(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
+    return backends.get(name).linear_grad_input(dy, values, col_ptr, row_idx, perm, rows, cols, block_size)
 
 
-def _sdd_impl(dy, x, index, rows, cols, block_size, backend):
+def _grad_weight(dy, x, index, rows, cols, block_size, backend=None):
+    name = backend or backends.choose("linear_grad_weight", dy.device, dy.dtype, block_size)
     _, col_idx, block_row, *_ = check_index(index, rows, cols, block_size)
-    return backends.get(backend).linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size)
+    return backends.get(name).linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size)
+
+
+def _define(name: str, schema_fn, kernel, fake):
+    """A custom op with one kernel for CPU and CUDA tensors (each picks its backend when it runs,
+    :func:`set_kernels.backends.choose`) and a fake (meta) kernel."""
+    op = torch.library.custom_op(f"set_kernels::{name}", mutates_args=(), device_types="cpu")(schema_fn)
+    op.register_kernel("cuda")(kernel)
+    op.register_fake(fake)
+    return op
 
 
 def plain_eager(*tensors) -> bool:
@@ -162,26 +204,32 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 
 
-@torch.library.custom_op("set_kernels::linear_forward", mutates_args=())
-def linear_forward(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
-             block_size: int, backend: str) -> Tensor:
+def _using(backend):
+    """``backends.use(backend)`` for a named backend; no change for None."""
+    return backends.use(backend) if backend else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------- forward
+def _forward_schema(x: Tensor, values: Tensor, index: Tensor, bias: Optional[Tensor], rows: int, cols: int,
+                    block_size: int) -> Tensor:
     """``y (M, rows) = x (M, cols) @ W.T + bias``, W given by ``values (nnz, b, b)`` on the layout."""
-    return _dsd_impl(x, values, index, bias, rows, cols, block_size, backend)
+    return _forward(x, values, index, bias, rows, cols, block_size)
 
 
-@linear_forward.register_fake
-def _(x, values, index, bias, rows, cols, block_size, backend):
-    return x.new_empty(x.shape[0], rows)
+linear_forward = _define("linear_forward", _forward_schema, _forward,
+                         lambda x, values, index, bias, rows, cols, block_size: x.new_empty(x.shape[0], rows))
 
 
-def _dsd_setup(ctx, inputs, output):
-    x, values, index, bias, rows, cols, block_size, backend = inputs
+def _forward_setup(ctx, inputs, output, backend=None):
+    x, values, index, bias, rows, cols, block_size = inputs[:7]
     ctx.save_for_backward(x, values, index)
-    ctx.meta = (rows, cols, block_size, backend)
+    # The backend of the forward, for the backward: the one an eager call named, else the
+    # backends.use() block around the forward (None: the backward chooses when it runs).
+    ctx.meta = (rows, cols, block_size, backend or backends.selected())
     ctx.has_bias = bias is not None
 
 
-def _dsd_backward(ctx, dy):
+def _forward_backward(ctx, dy):
     x, values, index = ctx.saved_tensors
     rows, cols, b, backend = ctx.meta
     dy = dy.contiguous()
@@ -190,24 +238,25 @@ def _dsd_backward(ctx, dy):
     # differentiable, traceable custom ops.
     direct = not torch.is_grad_enabled() and plain_eager(dy, x, values)
     need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    fused = getattr(backends.get(backend), "linear_backward", None) if direct else None
-    if fused is not None and (need_dx or need_dv):
-        # one call for both gradients (a backend may share work between them)
-        parts = check_index(index, rows, cols, b)
-        row_ptr, col_idx, block_row, col_ptr, row_idx, perm = parts
-        dx, dv = fused(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, b, need_dx, need_dv)
-    else:
-        dds, sdd = (_dds_impl, _sdd_impl) if direct else (linear_grad_input, linear_grad_weight)
-        if need_dx:
-            dx = dds(dy, values, index, rows, cols, b, backend)
-        if need_dv:
-            dv = sdd(dy, x, index, rows, cols, b, backend)
+    if direct and (need_dx or need_dv):
+        name = backend or backends.choose("linear_grad_input", dy.device, dy.dtype, b)
+        fused = getattr(backends.get(name), "linear_backward", None)
+        if fused is not None:  # one call for both gradients (a backend may share work between them)
+            row_ptr, col_idx, block_row, col_ptr, row_idx, perm = check_index(index, rows, cols, b)
+            dx, dv = fused(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, b, need_dx, need_dv)
+        else:
+            dx = _grad_input(dy, values, index, rows, cols, b, name) if need_dx else None
+            dv = _grad_weight(dy, x, index, rows, cols, b, name) if need_dv else None
+    elif need_dx or need_dv:
+        with _using(backend):
+            dx = linear_grad_input(dy, values, index, rows, cols, b) if need_dx else None
+            dv = linear_grad_weight(dy, x, index, rows, cols, b) if need_dv else None
     if ctx.has_bias and ctx.needs_input_grad[3]:
         dbias = dy.sum(0)
     return dx, dv, None, dbias, None, None, None, None
 
 
-linear_forward.register_autograd(_dsd_backward, setup_context=_dsd_setup)
+linear_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
 
 
 class EagerLinear(torch.autograd.Function):
@@ -215,81 +264,75 @@ class EagerLinear(torch.autograd.Function):
 
     The same kernels, saved tensors and backward as the custom op, without its dispatch, which
     costs tens of microseconds a call: at small batches (a SET-MLP step at batch 40) that was a
-    third of a sparse layer's time. Double backward goes through the custom ops.
+    third of a sparse layer's time. ``backend`` is the name the public op resolved; double
+    backward goes through the custom ops.
     """
 
     @staticmethod
     def forward(ctx, x, values, index, bias, rows, cols, block_size, backend):
         # ctx in forward (not setup_context): apply() then binds no signature, a large part of
         # the saving at small sizes.
-        y = _dsd_impl(x, values, index, bias, rows, cols, block_size, backend)
-        _dsd_setup(ctx, (x, values, index, bias, rows, cols, block_size, backend), y)
+        y = _forward(x, values, index, bias, rows, cols, block_size, backend)
+        _forward_setup(ctx, (x, values, index, bias, rows, cols, block_size), y, backend)
         return y
 
-    backward = staticmethod(_dsd_backward)
+    backward = staticmethod(_forward_backward)
 
 
 # ------------------------------------------------------------------------------- input gradient
-@torch.library.custom_op("set_kernels::linear_grad_input", mutates_args=())
-def linear_grad_input(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
-             backend: str) -> Tensor:
+def _grad_input_schema(dy: Tensor, values: Tensor, index: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
     """``dx (M, cols) = dy (M, rows) @ W``, walking the transposed index (no atomics)."""
-    return _dds_impl(dy, values, index, rows, cols, block_size, backend)
+    return _grad_input(dy, values, index, rows, cols, block_size)
 
 
-@linear_grad_input.register_fake
-def _(dy, values, index, rows, cols, block_size, backend):
-    return dy.new_empty(dy.shape[0], cols)
+linear_grad_input = _define("linear_grad_input", _grad_input_schema, _grad_input,
+                            lambda dy, values, index, rows, cols, block_size: dy.new_empty(dy.shape[0], cols))
 
 
 def _save_operands(ctx, inputs, output):
-    """setup_context of linear_grad_input and linear_grad_weight: ``(a, b, index, rows, cols, block_size, backend)``."""
+    """setup_context of linear_grad_input and linear_grad_weight: ``(a, b, index, rows, cols, block_size)``."""
     ctx.save_for_backward(*inputs[:3])
-    ctx.meta = tuple(inputs[3:])
+    ctx.meta = tuple(inputs[3:]) + (backends.selected(),)
 
 
-def _dds_backward(ctx, dz):
+def _grad_input_backward(ctx, dz):
     g, values, index = ctx.saved_tensors
     rows, cols, b, backend = ctx.meta
     dz = dz.contiguous()
-    dg = dv = None
-    if ctx.needs_input_grad[0]:
-        dg = linear_forward(dz, values, index, None, rows, cols, b, backend)
-    if ctx.needs_input_grad[1]:
-        dv = linear_grad_weight(g, dz, index, rows, cols, b, backend)
-    return dg, dv, None, None, None, None, None
+    with _using(backend):
+        dg = linear_forward(dz, values, index, None, rows, cols, b) if ctx.needs_input_grad[0] else None
+        dv = linear_grad_weight(g, dz, index, rows, cols, b) if ctx.needs_input_grad[1] else None
+    return dg, dv, None, None, None, None
 
 
-linear_grad_input.register_autograd(_dds_backward, setup_context=_save_operands)
+linear_grad_input.register_autograd(_grad_input_backward, setup_context=_save_operands)
 
 
 # ------------------------------------------------------------------------------ weight gradient
-@torch.library.custom_op("set_kernels::linear_grad_weight", mutates_args=())
-def linear_grad_weight(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int,
-             backend: str) -> Tensor:
+def _grad_weight_schema(dy: Tensor, x: Tensor, index: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
     """``dv (nnz, b, b)``: ``dy (M, rows).T @ x (M, cols)`` on the live blocks only."""
-    return _sdd_impl(dy, x, index, rows, cols, block_size, backend)
+    return _grad_weight(dy, x, index, rows, cols, block_size)
 
 
-@linear_grad_weight.register_fake
-def _(dy, x, index, rows, cols, block_size, backend):
+def _grad_weight_fake(dy, x, index, rows, cols, block_size):
     nnz = split_index(index, rows, cols, block_size)[1].shape[0]
     return dy.new_empty(nnz, block_size, block_size)
 
 
-def _sdd_backward(ctx, ds):
+linear_grad_weight = _define("linear_grad_weight", _grad_weight_schema, _grad_weight, _grad_weight_fake)
+
+
+def _grad_weight_backward(ctx, ds):
     g, x, index = ctx.saved_tensors
     rows, cols, b, backend = ctx.meta
     ds = ds.contiguous()
-    dg = dx = None
-    if ctx.needs_input_grad[0]:
-        dg = linear_forward(x, ds, index, None, rows, cols, b, backend)
-    if ctx.needs_input_grad[1]:
-        dx = linear_grad_input(g, ds, index, rows, cols, b, backend)
-    return dg, dx, None, None, None, None, None
+    with _using(backend):
+        dg = linear_forward(x, ds, index, None, rows, cols, b) if ctx.needs_input_grad[0] else None
+        dx = linear_grad_input(g, ds, index, rows, cols, b) if ctx.needs_input_grad[1] else None
+    return dg, dx, None, None, None, None
 
 
-linear_grad_weight.register_autograd(_sdd_backward, setup_context=_save_operands)
+linear_grad_weight.register_autograd(_grad_weight_backward, setup_context=_save_operands)
 
 
 # ---------------------------------------------------------------------- dense <-> block values
