@@ -164,70 +164,49 @@ def _np(t: torch.Tensor):
     return t.detach().numpy()
 
 
-def _check_index(t: torch.Tensor, name: str) -> None:
-    # The kernels index raw memory: catch what would otherwise read out of bounds.
+def _check_index(t: torch.Tensor) -> None:
+    # The kernels index raw memory: a cheap assert on what they rely on (the ops check the
+    # index's contents, once per tensor version).
     if t.dtype != torch.int32 or not t.is_contiguous():
-        raise TypeError(f"{name}: expected a contiguous int32 tensor, got {t.dtype}")
+        raise TypeError(f"numba backend: expected contiguous int32 index tensors, got {t.dtype}")
 
 
 def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None)."""
-    bsmm = _load()[0]
-    b = int(block_size)
-    rows, cols = int(rows), int(cols)
-    M = x.shape[0]
-    y = torch.empty(M, rows, dtype=x.dtype)
-    if M == 0 or rows == 0:
-        return y
-    if cols == 0 or values.shape[0] == 0:
-        if bias is None:
-            y.zero_()
-        else:
-            y.copy_(bias.detach().to(y.dtype).expand(M, rows))
-        return y
-    _check_index(row_ptr, "row_ptr")
-    _check_index(col_idx, "col_idx")
-    if bias is None:
-        bias_np, has_bias = _np(values).reshape(-1)[:0], False
-    else:
-        bias_np, has_bias = _np(bias), True
-    xn = _np(x)
-    if b == 1:
-        spmm = _load()[3]
-        (xT,) = _scratch(xn.dtype, (cols, M))
-        spmm.linear_forward(xn, _np(values).reshape(-1), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), xT,
-                  spmm.TOKEN_TILE, spmm.ROW_CHUNK)
-        return y
-    (xb,) = _scratch(xn.dtype, (-(-cols // b), M, b))
-    bsmm.linear_forward(xn, _np(values), _np(row_ptr), _np(col_idx), bias_np, has_bias, y.numpy(), rows, cols, b,
-             bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(cols, b, xn.itemsize), xb)
-    return y
+    return _product(x, values, (row_ptr, col_idx), bias, rows, cols, block_size, transposed=False)
 
 
 def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W``, through the transposed (CSC) index."""
-    bsmm = _load()[0]
-    b = int(block_size)
-    rows, cols = int(rows), int(cols)
-    M = dy.shape[0]
-    dx = torch.empty(M, cols, dtype=dy.dtype)
-    if M == 0 or cols == 0:
-        return dx
-    if rows == 0 or values.shape[0] == 0:
-        return dx.zero_()
-    for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm")):
-        _check_index(t, name)
-    dyn = _np(dy)
+    return _product(dy, values, (col_ptr, row_idx, perm), None, rows, cols, block_size, transposed=True)
+
+
+def _product(a, values, index, bias, rows: int, cols: int, block_size: int, transposed: bool) -> torch.Tensor:
+    """``a (M, n_in) @ W.T`` (forward: ``index`` is ``(row_ptr, col_idx)``) or ``a @ W``
+    (``transposed``: ``index`` is ``(col_ptr, row_idx, perm)``), plus ``bias (n_out,)`` or None."""
+    bsmm, _, _, spmm, _ = _load()
+    b, rows, cols = int(block_size), int(rows), int(cols)
+    n_in, n_out = (rows, cols) if transposed else (cols, rows)
+    M = a.shape[0]
+    out = torch.empty(M, n_out, dtype=a.dtype)
+    if M == 0 or n_out == 0:
+        return out
+    if n_in == 0 or values.shape[0] == 0:
+        return out.zero_() if bias is None else out.copy_(bias.detach().to(out.dtype).expand(M, n_out))
+    for t in index:
+        _check_index(t)
+    an, vn, idx = _np(a), _np(values), [_np(t) for t in index]
+    bias_args = () if transposed else ((vn.reshape(-1)[:0], False) if bias is None else (_np(bias), True))
     if b == 1:
-        spmm = _load()[3]
-        (dyT,) = _scratch(dyn.dtype, (rows, M))
-        spmm.linear_grad_input(dyn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), dyT,
-                    spmm.TOKEN_TILE, spmm.ROW_CHUNK)
-        return dx
-    (dyb,) = _scratch(dyn.dtype, (-(-rows // b), M, b))
-    bsmm.linear_grad_input(dyn, _np(values), _np(col_ptr), _np(row_idx), _np(perm), dx.numpy(), rows, cols, b,
-             bsmm.token_tile(b), bsmm.K_CHUNK, bsmm.pass_tokens(rows, b, dyn.itemsize), dyb)
-    return dx
+        (aT,) = _scratch(an.dtype, (n_in, M))
+        kernel = spmm.linear_grad_input if transposed else spmm.linear_forward
+        kernel(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.TOKEN_TILE, spmm.ROW_CHUNK)
+        return out
+    (ab,) = _scratch(an.dtype, (-(-n_in // b), M, b))
+    kernel = bsmm.linear_grad_input if transposed else bsmm.linear_forward
+    kernel(an, vn, *idx, *bias_args, out.numpy(), rows, cols, b, bsmm.token_tile(b), bsmm.K_CHUNK,
+           bsmm.pass_tokens(n_in, b, an.itemsize), ab)
+    return out
 
 
 def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -241,8 +220,8 @@ def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_si
         return dv
     if dy.shape[0] == 0:
         return dv.zero_()
-    _check_index(block_row, "block_row")
-    _check_index(col_idx, "col_idx")
+    _check_index(block_row)
+    _check_index(col_idx)
     dyn, xn = _np(dy), _np(x)
     M = dyn.shape[0]
     if b == 1:
@@ -268,9 +247,8 @@ def linear_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, r
         dv = linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size) if need_dv else None
         return dx, dv
     spmm = _load()[3]
-    for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm"), (block_row, "block_row"),
-                    (col_idx, "col_idx")):
-        _check_index(t, name)
+    for t in (col_ptr, row_idx, perm, block_row, col_idx):
+        _check_index(t)
     dx = torch.empty(M, cols, dtype=dy.dtype)
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype)
     dyn, xn = _np(dy), _np(x)
