@@ -58,10 +58,19 @@ def _bench(args) -> int:
     return 1 if failed or not doc["records"] else 0
 
 
-def _train(args) -> int:
+def _train(args, parser) -> int:
     from . import train
 
-    return train.main(args)
+    try:
+        config = train.TrainConfig.from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2, as for a value argparse rejects itself
+    try:
+        train.run(config)
+    except (FileNotFoundError, ValueError) as exc:  # no data files, or unreadable ones
+        print(f"set-kernels train: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _selftest(args) -> int:
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
     from .train import add_arguments as _train_arguments  # light: argparse only, no torch work
 
     _train_arguments(train)
-    train.set_defaults(fn=_train)
+    train.set_defaults(fn=lambda args: _train(args, train))
     selftest = sub.add_parser("selftest", help="check every available backend here against a float64 reference",
                               description="Runs every op of every available backend on this machine (each dtype "
                                           "and block size it supports) against a float64 reference, prints a "

@@ -20,9 +20,13 @@ Modes: ``set`` (evolving topology), ``static`` (the same initial topology, never
 Input: pixels scaled to [0, 1] and standardised per pixel (see :func:`set_kernels.data.prepare`).
 Reported train accuracy is the running accuracy over the epoch's mini-batches (dropout on); test
 accuracy is measured on the whole test subset in eval mode.
+
+From Python, ``run(TrainConfig(mode="static", epochs=10))`` returns the dict that ``--json`` writes;
+flag ``--x-y`` is the :class:`TrainConfig` field ``x_y`` (docs/api.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -33,69 +37,109 @@ BATCH = 40
 DROPOUT = 0.2
 MOMENTUM = 0.9
 WEIGHT_DECAY = 2e-4
+LAYERS = ("masked", "sparse", "block")
+INITS = ("sparse-fan-in", "dense-fan-in")
+PRUNES = ("magnitude", "set")
+
+
+def _is(v, kind) -> bool:
+    return isinstance(v, kind) and not isinstance(v, bool)
+
+
+AT_LEAST_1 = ("an int >= 1", lambda v: _is(v, int) and v >= 1)
+POSITIVE = ("a positive number", lambda v: _is(v, (int, float)) and 0 < v < math.inf)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """``"1000,1000,1000"`` -> ``(1000, 1000, 1000)`` (TrainConfig checks that each is >= 1)."""
+    import argparse
+
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def _flag(default, help=None, check=None, **argparse_kwargs):
+    """A :class:`TrainConfig` field: default, flag help, argparse keywords, ``(expected, predicate)``."""
+    return dataclasses.field(default=default, metadata=dict(argparse_kwargs, help=help, check=check))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One ``set-kernels train`` run; field ``x_y`` is flag ``--x-y`` (the flags are made from the
+    fields). Checked when built: a bad value raises ``ValueError`` naming the field. A field whose
+    default is None may be None."""
+
+    data: str | None = _flag(None, "data set (default: Fashion-MNIST when its files are found, else synthetic)",
+                             choices=("fashion-mnist", "synthetic"))
+    data_dir: str | None = _flag(None, "directory of the four Fashion-MNIST IDX files (.gz or plain); default: "
+                                       "the dataset-fashion-mnist package's files")
+    epochs: int = _flag(400, "training epochs (default 400, the protocol)", AT_LEAST_1, type=int)
+    train_samples: int = _flag(2000, "training samples (default 2000)", AT_LEAST_1, type=int)
+    test_samples: int = _flag(1000, "test samples (default 1000)", AT_LEAST_1, type=int)
+    seed: int = _flag(0, "seed of the initial weights, topology, shuffling, dropout and SET",
+                      ("an int", lambda v: _is(v, int)), type=int)
+    mode: str = _flag("set", choices=("set", "static", "dense"))
+    layer: str = _flag("masked", "sparse: element sparsity stored sparse (SparseLinear, block_size=1); masked: "
+                                 "element sparsity as a dense weight times a mask (MaskedLinear); block: "
+                                 "SparseLinear with --block-size", choices=LAYERS)
+    hidden: tuple[int, ...] = _flag(SIZES[1:-1], "hidden widths, comma-separated (default 1000,1000,1000)",
+                                    ("a tuple of widths >= 1", lambda v: isinstance(v, tuple)
+                                     and all(AT_LEAST_1[1](w) for w in v)), type=_widths)
+    batch: int = _flag(BATCH, f"batch size (default {BATCH})", AT_LEAST_1, type=int)
+    block_size: int = _flag(16, "block size of --layer block", type=int, choices=(16, 32, 64, 128))
+    epsilon: float = _flag(13.0, "Erdos-Renyi sparsity parameter (default 13)", POSITIVE, type=float)
+    zeta: float = _flag(0.3, "fraction of connections rewired per epoch",
+                        ("a value in [0, 1]", lambda v: _is(v, (int, float)) and 0 <= v <= 1), type=float)
+    optimizer: str = _flag("sgd", "sgd: momentum 0.9, weight decay 2e-4; adam: MaskedAdam, weight decay 2e-4",
+                           choices=("sgd", "adam"))
+    lr: float | None = _flag(None, "learning rate (default: sgd 0.05 sparse, 0.001 dense; adam 0.001)", POSITIVE,
+                             type=float)
+    json: str | None = _flag(None, "write the configuration and full history to this file")
+    init: str = _flag("sparse-fan-in", "He-uniform fan-in of sparse layers: live inputs per output (default) or "
+                                       "all n_in", choices=INITS)
+    threads: int | None = _flag(None, "torch CPU threads (default: torch's)", AT_LEAST_1, type=int)
+    prune: str = _flag("magnitude", "SET pruning rule: magnitude (the smallest |w|, default) or set (the sign split: "
+                                    "the smallest positive and the largest negative weights, half each)",
+                       choices=PRUNES)
+
+    def __post_init__(self):
+        from .data import N_TEST, N_TRAIN
+
+        self.hidden = tuple(self.hidden) if isinstance(self.hidden, list) else self.hidden
+        for f in dataclasses.fields(self):
+            value, choices, check = getattr(self, f.name), f.metadata.get("choices"), f.metadata["check"]
+            if value is None and f.default is None:
+                continue
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name}: expected one of {choices}, got {value!r}")
+            if check is not None and not check[1](value):
+                raise ValueError(f"{f.name}: expected {check[0]}, got {value!r}")
+        for name, most in (("train_samples", N_TRAIN), ("test_samples", N_TEST)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name}: at most {most} (the Fashion-MNIST size), got {getattr(self, name)}")
+
+    @classmethod
+    def from_args(cls, args) -> TrainConfig:
+        """The config of parsed ``set-kernels train`` flags; the ``ValueError`` names the flag."""
+        try:
+            return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        except ValueError as exc:
+            name, _, rest = str(exc).partition(":")
+            raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
 
 
 def add_arguments(parser) -> None:
-    """Add the fixed ``set-kernels train`` flags to ``parser``."""
-    parser.add_argument("--data", choices=("fashion-mnist", "synthetic"), default=None,
-                        help="data set (default: Fashion-MNIST when its files are found, else synthetic)")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory of the four Fashion-MNIST IDX files (.gz or plain); default: the "
-                             "dataset-fashion-mnist package's files")
-    parser.add_argument("--epochs", type=int, default=400, help="training epochs (default 400, the protocol)")
-    parser.add_argument("--train-samples", type=int, default=2000, help="training samples (default 2000)")
-    parser.add_argument("--test-samples", type=int, default=1000, help="test samples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, topology, shuffling, "
-                                                            "dropout and SET")
-    parser.add_argument("--mode", choices=("set", "static", "dense"), default="set")
-    parser.add_argument("--layer", choices=LAYERS, default="masked",
-                        help="sparse: element sparsity stored sparse (SparseLinear, block_size=1); masked: "
-                             "element sparsity as a dense weight times a mask (MaskedLinear); block: SparseLinear "
-                             "with --block-size")
-    parser.add_argument("--hidden", type=_widths, default=SIZES[1:-1],
-                        help="hidden widths, comma-separated (default 1000,1000,1000)")
-    parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
-    parser.add_argument("--block-size", type=int, default=16, choices=(16, 32, 64, 128),
-                        help="block size of --layer block")
-    parser.add_argument("--epsilon", type=float, default=13.0, help="Erdos-Renyi sparsity parameter (default 13)")
-    parser.add_argument("--zeta", type=float, default=0.3, help="fraction of connections rewired per epoch")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
-                        help="sgd: momentum 0.9, weight decay 2e-4; adam: MaskedAdam, weight decay 2e-4")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: sgd 0.05 sparse, 0.001 dense; adam 0.001)")
-    parser.add_argument("--json", default=None, help="write the configuration and full history to this file")
-    parser.add_argument("--init", choices=INITS, default="sparse-fan-in",
-                        help="He-uniform fan-in of sparse layers: live inputs per output (default) or all n_in")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--prune", choices=PRUNES, default="magnitude",
-                        help="SET pruning rule: magnitude (the smallest |w|, default) or set (the sign split: "
-                             "the smallest positive and the largest negative weights, half each)")
-
-
-def _check_args(args) -> str | None:
-    if args.epochs < 1:
-        return f"--epochs: expected an int >= 1, got {args.epochs}"
-    for name in ("train_samples", "test_samples"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}"
-    if not (args.epsilon > 0) or math.isinf(args.epsilon):
-        return f"--epsilon: expected a positive number, got {args.epsilon}"
-    if not (0.0 <= args.zeta <= 1.0):
-        return f"--zeta: expected a value in [0, 1], got {args.zeta}"
-    if args.lr is not None and not (args.lr > 0) or (args.lr is not None and math.isinf(args.lr)):
-        return f"--lr: expected a positive number, got {args.lr}"
-    if getattr(args, "batch", BATCH) < 1:
-        return f"--batch: expected an int >= 1, got {args.batch}"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads: expected an int >= 1, got {args.threads}"
-    return None
+    """Add the ``set-kernels train`` flags to ``parser``: one per :class:`TrainConfig` field."""
+    for f in dataclasses.fields(TrainConfig):
+        kwargs = {k: v for k, v in f.metadata.items() if k != "check"}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kwargs)
 
 
 def default_lr(mode: str, optimizer: str) -> float:
     """The protocol's learning rate: SGD 0.05 sparse / 0.001 dense; Adam 0.001."""
-    if optimizer == "adam":
-        return 1e-3
-    return 1e-3 if mode == "dense" else 0.05
+    return 1e-3 if optimizer == "adam" or mode == "dense" else 0.05
 
 
 def er_density(n_in: int, n_out: int, epsilon: float) -> float:
@@ -103,27 +147,9 @@ def er_density(n_in: int, n_out: int, epsilon: float) -> float:
     return epsilon * (n_in + n_out) / (n_in * n_out)
 
 
-INITS = ("sparse-fan-in", "dense-fan-in")
-LAYERS = ("masked", "sparse", "block")
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    """``"1000,1000,1000"`` -> ``(1000, 1000, 1000)``; each width an int >= 1."""
-    import argparse
-
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"expected widths >= 1, got {text!r}")
-    return widths
-
-
 def model_sizes(hidden=SIZES[1:-1]) -> tuple[int, ...]:
     """Layer sizes ``(784, *hidden, 10)`` of the SET-MLP."""
     return (SIZES[0], *hidden, SIZES[-1])
-PRUNES = ("magnitude", "set")
 
 
 def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: int, sizes=SIZES,
@@ -150,24 +176,20 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
     for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         density = er_density(n_in, n_out, epsilon)
         sparse = not (mode == "dense" or density >= 1.0)
-        fan_in = density * n_in if (sparse and init == "sparse-fan-in") else n_in
-        limit = math.sqrt(6.0 / fan_in)
-        if mode == "dense" or density >= 1.0:
-            lin = torch.nn.Linear(n_in, n_out)
-            with torch.no_grad():
+        limit = math.sqrt(6.0 / (density * n_in if (sparse and init == "sparse-fan-in") else n_in))
+        with torch.no_grad():  # the layers' parameters still require grad
+            if not sparse:
+                lin = torch.nn.Linear(n_in, n_out)
                 lin.weight.uniform_(-limit, limit, generator=gen)
-        elif layer == "masked":
-            lin = MaskedLinear(n_in, n_out, density=density, generator=gen)
-            with torch.no_grad():
+            elif layer == "masked":
+                lin = MaskedLinear(n_in, n_out, density=density, generator=gen)
                 lin.weight.uniform_(-limit, limit, generator=gen).mul_(lin.mask)
-        else:
-            b = 1 if layer == "sparse" else block_size
-            lin = SparseLinear(n_in, n_out, density=density, block_size=b, generator=gen)
-            with torch.no_grad():
+            else:
+                b = 1 if layer == "sparse" else block_size
+                lin = SparseLinear(n_in, n_out, density=density, block_size=b, generator=gen)
                 lin.values.uniform_(-limit, limit, generator=gen)
                 if b > 1:
                     lin.values.masked_fill_(~lin.layout.entry_mask(), 0)
-        with torch.no_grad():
             lin.bias.zero_()
         modules.append(lin)
         if k < len(sizes) - 2:
@@ -195,30 +217,48 @@ def count_weights(model) -> tuple[int, int]:
     return live, total
 
 
-def _load_data(args):
+def _load_data(config: TrainConfig):
+    """``(source, directory, (x_train, y_train, x_test, y_test))`` as ``config.data`` / ``data_dir`` say."""
     from . import data
 
-    if args.train_samples > data.N_TRAIN or args.test_samples > data.N_TEST:
-        raise ValueError(f"--train-samples / --test-samples: at most {data.N_TRAIN} / {data.N_TEST} "
-                         f"(the Fashion-MNIST sizes), got {args.train_samples} / {args.test_samples}")
-    source = args.data
-    directory = None
+    source, directory = config.data, None
     if source in (None, "fashion-mnist"):
-        directory = data.find_fashion_mnist(args.data_dir)
+        directory = data.find_fashion_mnist(config.data_dir)
         if directory is None:
-            where = args.data_dir or f"the {data.DEBIAN_PACKAGE} package ({data.STANDARD_DIR})"
-            if source == "fashion-mnist" or args.data_dir is not None:
+            where = config.data_dir or f"the {data.DEBIAN_PACKAGE} package ({data.STANDARD_DIR})"
+            if source == "fashion-mnist" or config.data_dir is not None:
                 raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {where}")
             print(f"set-kernels train: Fashion-MNIST not found in {where}; using the built-in synthetic data set "
                   "(install dataset-fashion-mnist or pass --data-dir)", file=sys.stderr)
-            source = "synthetic"
-        else:
-            source = "fashion-mnist"
+        source = "synthetic" if directory is None else "fashion-mnist"
     if source == "fashion-mnist":
         raw = data.load_fashion_mnist(directory)
     else:
-        raw = data.synthetic(args.train_samples, args.test_samples, seed=1234)
-    return source, directory, data.prepare(*raw, args.train_samples, args.test_samples)
+        raw = data.synthetic(config.train_samples, config.test_samples, seed=1234)
+    return source, directory, data.prepare(*raw, config.train_samples, config.test_samples)
+
+
+def _build(config: TrainConfig, sizes, steps_per_epoch: int):
+    """``(model, optimizer, SET or None, lr)`` of ``config``."""
+    import torch
+
+    from .evolution import SET
+    from .optim import MaskedAdam
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.mode, config.layer, config.block_size, config.epsilon, config.seed, sizes=sizes,
+                        init=config.init)
+    lr = config.lr if config.lr is not None else default_lr(config.mode, config.optimizer)
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    else:
+        opt = MaskedAdam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    evo = None
+    if config.mode == "set" and config.epochs > 1 and config.zeta > 0:
+        # One update at the end of every epoch but the last (step (epochs - 1) * steps_per_epoch).
+        evo = SET(model, opt, zeta=config.zeta, interval=steps_per_epoch, prune=config.prune,
+                  end_step=(config.epochs - 1) * steps_per_epoch, seed=config.seed)
+    return model, opt, evo, lr
 
 
 def _peak_rss_mb() -> float | None:
@@ -249,120 +289,95 @@ def _accuracy(model, x, y, chunk: int = 1000) -> float:
     return correct / len(x)
 
 
-def run(args, *, log=print) -> dict:
-    """Train as ``args`` say; returns the result dict (also written to ``--json``)."""
+def _epoch(model, opt, evo, x_train, y_train, batch: int, order, evaluate) -> dict:
+    """One epoch of steps in ``order``; ``evaluate()`` runs after the last optimizer step, before its SET update."""
+    import torch
+
+    model.train()
+    t0 = time.perf_counter()
+    n, steps = len(x_train), -(-len(x_train) // batch)
+    loss_sum, correct, changed = 0.0, 0, False
+    for s in range(steps):
+        idx = order[s * batch:(s + 1) * batch]
+        xb, yb = x_train[idx], y_train[idx]
+        logits = model(xb)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(-1) == yb).sum())
+        if s == steps - 1:
+            t1 = time.perf_counter()
+            test_acc = evaluate()
+            eval_time = time.perf_counter() - t1
+        if evo is not None:
+            changed |= evo.step()
+    train_time = time.perf_counter() - t0 - eval_time  # training steps + evolution, without evaluation
+    return {"train_loss": loss_sum / n, "train_acc": correct / n, "test_acc": test_acc, "time_s": train_time,
+            "eval_time_s": eval_time, "evolved": bool(changed)}
+
+
+def _fit(config: TrainConfig, model, opt, evo, x_train, y_train, evaluate) -> list[dict]:
+    """``config.epochs`` epochs (the order of each drawn from the seed + 1 stream); the history."""
     import torch
     from tqdm import tqdm
 
-    from .evolution import SET
-    from .optim import MaskedAdam
+    shuffle = torch.Generator().manual_seed(config.seed + 1)
+    history = []
+    bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", file=sys.stderr, mininterval=1.0,
+               dynamic_ncols=True)
+    for epoch in bar:
+        order = torch.randperm(len(x_train), generator=shuffle)
+        row = {"epoch": epoch, **_epoch(model, opt, evo, x_train, y_train, config.batch, order, evaluate)}
+        history.append(row)
+        bar.set_postfix(train_acc=f"{row['train_acc']:.4f}", test_acc=f"{row['test_acc']:.4f}")
+        tqdm.write(f"epoch {epoch}/{config.epochs} loss={row['train_loss']:.4f} train_acc={row['train_acc']:.4f} "
+                   f"test_acc={row['test_acc']:.4f} time={row['time_s']:.2f}s", file=sys.stdout)
+    bar.close()
+    return history
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+
+def run(config: TrainConfig, *, log=print) -> dict:
+    """Train as ``config`` says; returns the result dict (also written to ``config.json`` when set):
+    ``{"config": ..., "history": [one dict per epoch], "final": ...}`` (keys: docs/api.md)."""
+    import torch
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     # With --init dense-fan-in the sparse nets start with tiny activations (~3% of the fan-in live):
     # subnormal floats would slow the CPU several-fold. Flushing them changes no reported figure.
     torch.set_flush_denormal(True)
     try:
-        return _run(args, log)
+        source, directory, (x_train, y_train, x_test, y_test) = _load_data(config)
+        sizes, batch, n = model_sizes(config.hidden), config.batch, len(x_train)
+        model, opt, evo, lr = _build(config, sizes, -(-n // batch))
+        live, total = count_weights(model)
+        settings = dict(dataclasses.asdict(config), lr=lr, data=source, data_dir=directory,
+                        sizes=list(sizes), dropout=DROPOUT, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                        live_weights=live, dense_weights=total, threads=torch.get_num_threads(),
+                        torch=torch.__version__)
+        log(f"set-kernels train: {source} ({n} train / {len(x_test)} test), mode={config.mode} layer={config.layer}"
+            f"{' block=' + str(config.block_size) if config.layer == 'block' and config.mode != 'dense' else ''} "
+            f"sizes={'-'.join(map(str, sizes))} batch={batch} "
+            f"{'prune=' + config.prune + ' ' if evo is not None else ''}"
+            f"optimizer={config.optimizer} lr={lr} epochs={config.epochs} seed={config.seed}; "
+            f"{live}/{total} weights live ({live / total:.4f})")
+        history = _fit(config, model, opt, evo, x_train, y_train,
+                       lambda: _accuracy(model, x_test, y_test, chunk=_eval_chunk(sizes)))
     finally:
         torch.set_flush_denormal(False)
-
-
-def _run(args, log) -> dict:
-    import torch
-    from tqdm import tqdm
-
-    from .evolution import SET
-    from .optim import MaskedAdam
-
-    source, directory, (x_train, y_train, x_test, y_test) = _load_data(args)
-    torch.manual_seed(args.seed)
-    sizes = model_sizes(getattr(args, "hidden", SIZES[1:-1]))
-    batch = getattr(args, "batch", BATCH)
-    model = build_model(args.mode, args.layer, args.block_size, args.epsilon, args.seed, sizes=sizes,
-                        init=getattr(args, "init", "sparse-fan-in"))
-    lr = args.lr if args.lr is not None else default_lr(args.mode, args.optimizer)
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    else:
-        opt = MaskedAdam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    n = len(x_train)
-    steps_per_epoch = -(-n // batch)
-    evo = None
-    prune = getattr(args, "prune", "magnitude")  # Namespaces built by hand may lack the later flags
-    if args.mode == "set" and args.epochs > 1 and args.zeta > 0:
-        # One update at the end of every epoch but the last (step (epochs - 1) * steps_per_epoch).
-        evo = SET(model, opt, zeta=args.zeta, interval=steps_per_epoch, prune=prune,
-                  end_step=(args.epochs - 1) * steps_per_epoch, seed=args.seed)
-    live, total = count_weights(model)
-    config = {k: v for k, v in vars(args).items() if k not in ("fn", "command")}
-    config.update(lr=lr, data=source, data_dir=directory, sizes=list(sizes), batch=batch, dropout=DROPOUT,
-                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, live_weights=live, dense_weights=total,
-                  threads=torch.get_num_threads(), torch=torch.__version__)
-    log(f"set-kernels train: {source} ({n} train / {len(x_test)} test), mode={args.mode} layer={args.layer}"
-        f"{' block=' + str(args.block_size) if args.layer == 'block' and args.mode != 'dense' else ''} "
-        f"sizes={'-'.join(map(str, sizes))} batch={batch} "
-        f"{'prune=' + prune + ' ' if evo is not None else ''}"
-        f"optimizer={args.optimizer} lr={lr} epochs={args.epochs} seed={args.seed}; "
-        f"{live}/{total} weights live ({live / total:.4f})")
-    shuffle = torch.Generator().manual_seed(args.seed + 1)
-    history = []
-    bar = tqdm(range(1, args.epochs + 1), desc="train", unit="epoch", file=sys.stderr, mininterval=1.0,
-               dynamic_ncols=True)
-    for epoch in bar:
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(n, generator=shuffle)
-        loss_sum = 0.0
-        correct = 0
-        test_acc = None
-        changed = False
-        for s in range(steps_per_epoch):
-            idx = order[s * batch:(s + 1) * batch]
-            xb, yb = x_train[idx], y_train[idx]
-            logits = model(xb)
-            loss = torch.nn.functional.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(-1) == yb).sum())
-            if s == steps_per_epoch - 1:
-                t1 = time.perf_counter()
-                test_acc = _accuracy(model, x_test, y_test, chunk=_eval_chunk(sizes))  # before this epoch's evolution, as the tutorial
-                eval_time = time.perf_counter() - t1
-            if evo is not None:
-                changed |= evo.step()
-        train_time = time.perf_counter() - t0 - eval_time  # training steps + evolution, without evaluation
-        row = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": correct / n, "test_acc": test_acc,
-               "time_s": train_time, "eval_time_s": eval_time, "evolved": bool(changed)}
-        history.append(row)
-        bar.set_postfix(train_acc=f"{row['train_acc']:.4f}", test_acc=f"{test_acc:.4f}")
-        tqdm.write(f"epoch {epoch}/{args.epochs} loss={row['train_loss']:.4f} train_acc={row['train_acc']:.4f} "
-                   f"test_acc={test_acc:.4f} time={train_time:.2f}s", file=sys.stdout)
-    bar.close()
     times = [h["time_s"] for h in history]
-    result = {"config": config, "history": history, "final": {
+    result = {"config": settings, "history": history, "final": {
         "test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"],
         "best_test_acc": max(h["test_acc"] for h in history),
         "time_per_epoch_s": sum(times) / len(times), "total_time_s": sum(times) + sum(h["eval_time_s"] for h in history),
         "live_weights": count_weights(model)[0], "peak_rss_mb": _peak_rss_mb()}}
-    if args.json:
-        with open(args.json, "w") as f:
+    if config.json:
+        with open(config.json, "w") as f:
             json.dump(result, f, indent=1)
     log(f"final: test_acc={result['final']['test_acc']:.4f} train_acc={result['final']['train_acc']:.4f} "
         f"best_test_acc={result['final']['best_test_acc']:.4f} time_per_epoch={result['final']['time_per_epoch_s']:.3f}s")
     return result
-
-
-def main(args) -> int:
-    error = _check_args(args)
-    if error:
-        print(f"set-kernels train: {error}", file=sys.stderr)
-        return 2
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"set-kernels train: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -12,16 +12,17 @@ import sys
 import numpy as np
 import pytest
 
-from set_kernels import data, train
+from set_kernels import cli, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(*argv):
+    """The TrainConfig of ``set-kernels train`` flags ``argv``."""
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     # one thread: the tests share the machine, and oversubscribed OpenMP threads crawl
-    return parser.parse_args(["--threads", "1", *argv])
+    return train.TrainConfig.from_args(parser.parse_args(["--threads", "1", *argv]))
 
 
 @pytest.mark.parametrize("mode,layer", [("set", "masked"), ("set", "sparse"), ("set", "block"), ("dense", "masked")])
@@ -64,13 +65,6 @@ def test_element_sparse_layers_on_real_images(tmp_path):
     model = train.build_model("set", "sparse", 16, 13.0, 0, sizes=(784, 300, 300, 300, 10))
     layers = [m for m in model if isinstance(m, SparseLinear)]
     assert len(layers) == 3 and all(m.block_size == 1 for m in layers)
-
-
-@pytest.mark.parametrize("argv", [["--hidden", "10,x"], ["--hidden", "0"], ["--hidden", ""]])
-def test_bad_hidden_widths_are_rejected(argv, capsys):
-    with pytest.raises(SystemExit):
-        parse(*argv)
-    assert "--hidden" in capsys.readouterr().err
 
 
 def test_init_bound_uses_live_fan_in():
@@ -151,23 +145,36 @@ def test_synthetic_fallback_says_so(monkeypatch, capsys):
 
 
 def test_missing_data_dir_is_an_error(tmp_path, capsys):
-    assert train.main(parse("--data-dir", str(tmp_path), "--epochs", "1")) == 2
+    assert cli.main(["train", "--data-dir", str(tmp_path), "--epochs", "1", "--threads", "1"]) == 2
     assert "not found" in capsys.readouterr().err
-    assert train.main(parse("--data", "fashion-mnist", "--data-dir", str(tmp_path))) == 2
+    assert cli.main(["train", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--threads", "1"]) == 2
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "0"], "--epochs: expected an int >= 1"),
+    (["--epochs", "1.5"], "--epochs: invalid int"),
     (["--train-samples", "0"], "--train-samples"),
-    (["--zeta", "1.5"], "--zeta"),
+    (["--zeta", "1.5"], "--zeta: expected a value in [0, 1]"),
     (["--epsilon", "-1"], "--epsilon"),
+    (["--epsilon", "inf"], "--epsilon"),
     (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
     (["--batch", "0"], "--batch"),
-    (["--data", "synthetic", "--train-samples", "10", "--test-samples", "100000000"], "test-samples"),
+    (["--threads", "0"], "--threads"),
+    (["--block-size", "8"], "--block-size: invalid choice"),
+    (["--mode", "sparse"], "--mode: invalid choice"),
+    (["--hidden", "10,x"], "--hidden"),
+    (["--hidden", "0"], "--hidden"),
+    (["--hidden", ""], "--hidden"),
+    (["--data", "synthetic", "--train-samples", "10", "--test-samples", "100000000"], "--test-samples"),
 ])
-def test_bad_arguments(argv, match, capsys):
-    assert train.main(parse(*argv)) == 2
-    assert match in capsys.readouterr().err
+def test_bad_arguments_exit_2_naming_the_flag(argv, match, capsys):
+    """argparse rejects them (exit status 2, usage and the flag on stderr) before any training."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: set-kernels train") and match in err, err
 
 
 def test_read_idx_roundtrip_and_bad_magic(tmp_path):
