@@ -7,7 +7,7 @@
 //              tensor-core tiles, bsmm_sm80.cuh.  The only path today.
 //   Extension point: a Hopper path (wgmma + TMA, sm_90a) would add an enum value,
 //   a case in select_path() for major == 9 when compiled for sm_90a, and
-//   launch_{dsd,sdd}_sm90<T> (declared in bsmm_internal.cuh) in new .cu files.
+//   launch_{linear,grad_weight}_sm90<T> (declared in bsmm_internal.cuh) in new .cu files.
 
 #include "bsmm.h"
 
@@ -17,6 +17,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "bsmm_internal.cuh"
 #include "cuda_check.cuh"
@@ -25,9 +26,9 @@
 namespace set_kernels {
 namespace {
 
-constexpr const char* kDsd = "set_kernels._C.linear_forward";
-constexpr const char* kDds = "set_kernels._C.linear_grad_input";
-constexpr const char* kSdd = "set_kernels._C.linear_grad_weight";
+constexpr const char* kForward = "set_kernels._C.linear_forward";
+constexpr const char* kGradInput = "set_kernels._C.linear_grad_input";
+constexpr const char* kGradWeight = "set_kernels._C.linear_grad_weight";
 
 enum class Path { kSm80Wmma };
 
@@ -45,64 +46,63 @@ Path select_path(const char* op, int device) {
   return Path::kSm80Wmma;
 }
 
-void check_common(const char* op, int dtype, int block) {
-  if (!dtype_is_valid(dtype)) {
-    throw std::invalid_argument(std::string(op) + ": unknown dtype code " + std::to_string(dtype));
-  }
-  if (!bsmm_block_is_valid(block)) {
-    throw std::invalid_argument(std::string(op) + ": unsupported block_size " + std::to_string(block) +
-                                " (expected 16, 32, 64 or 128)");
-  }
-}
-
-void run_dsd(const char* op, const BsmmDsdArgs& a, bool dds, std::uintptr_t stream, int device) {
-  check_common(op, a.dtype, a.block);
-  if (a.M == 0) return;  // nothing to write (rows/cols >= 1 are checked by the bindings)
+// Checks that a device exists, makes `device` current (restored on return), picks the kernel
+// path of the device and calls `launch(path, tag)`, `tag` a null T* for the element type T of
+// `dtype`.  Throws std::invalid_argument for a dtype code with no kernel (the bindings checked it).
+template <typename Launch>
+void launch_on_device(const char* op, int device, int dtype, Launch&& launch) {
   const int count = require_device(op);
   DeviceGuard guard(device, count, op);
   const Path path = select_path(op, guard.device());
   (void)cudaGetLastError();  // a launch failure below must not be confused with an older error
+  switch (dtype) {
+    case kFloat32: launch(path, static_cast<float*>(nullptr)); break;
+    case kFloat16: launch(path, static_cast<__half*>(nullptr)); break;
+    case kBFloat16: launch(path, static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: throw std::invalid_argument(std::string(op) + ": unknown dtype code " + std::to_string(dtype));
+  }
+}
 
-  bsmm::DsdParams p{};
+void run_linear(const char* op, const LinearArgs& a, bool grad_input, std::uintptr_t stream, int device) {
+  const MatmulShape& sh = a.shape;
+  if (sh.M == 0) return;  // nothing to write
+  bsmm::LinearParams p{};
   p.a = a.a;
   p.lda = a.lda;
   p.values = a.values;
   p.ptr = a.ptr;
   p.idx = a.idx;
-  p.perm = dds ? a.perm : nullptr;
-  p.bias = dds ? nullptr : a.bias;
+  p.perm = grad_input ? a.perm : nullptr;
+  p.bias = grad_input ? nullptr : a.bias;
   p.out = a.out;
   p.ldo = a.ldo;
-  p.M = a.M;
-  p.k_total = dds ? a.rows : a.cols;
-  p.n_out = dds ? a.cols : a.rows;
-  p.split3 = a.tf32 ? 0 : 1;
+  p.M = sh.M;
+  p.k_total = grad_input ? sh.rows : sh.cols;
+  p.n_out = grad_input ? sh.cols : sh.rows;
+  p.split3 = sh.tf32 ? 0 : 1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (path) {
-    case Path::kSm80Wmma:
-      switch (a.dtype) {
-        case kFloat32: bsmm::launch_dsd_sm80<float>(p, a.block, dds, s); break;
-        case kFloat16: bsmm::launch_dsd_sm80<__half>(p, a.block, dds, s); break;
-        case kBFloat16: bsmm::launch_dsd_sm80<__nv_bfloat16>(p, a.block, dds, s); break;
-      }
-      break;
-  }
+  launch_on_device(op, device, sh.dtype, [&](Path path, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    switch (path) {
+      case Path::kSm80Wmma: bsmm::launch_linear_sm80<T>(p, sh.block, grad_input, s); break;
+    }
+  });
 }
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-void linear_forward(const BsmmDsdArgs& args, std::uintptr_t stream, int device) {
-  run_dsd(kDsd, args, false, stream, device);
+void linear_forward(const LinearArgs& args, std::uintptr_t stream, int device) {
+  run_linear(kForward, args, false, stream, device);
 }
 
-void linear_grad_input(const BsmmDsdArgs& args, std::uintptr_t stream, int device) {
-  run_dsd(kDds, args, true, stream, device);
+void linear_grad_input(const LinearArgs& args, std::uintptr_t stream, int device) {
+  run_linear(kGradInput, args, true, stream, device);
 }
 
 int linear_grad_weight_default_splits(std::int64_t M, std::int64_t nnz, int block) noexcept {
-  if (M <= 0 || nnz <= 0 || !bsmm_block_is_valid(block)) return 1;
+  if (M <= 0 || nnz <= 0 || !block_size_is_valid(block)) return 1;
   const std::int64_t sub = block > 64 ? block / 64 : 1;
   const std::int64_t tiles = nnz * sub * sub;        // CTAs without splitting
   const std::int64_t kTargetCtas = 1024;              // fills a 132-SM GPU several times over
@@ -119,30 +119,16 @@ std::int64_t linear_grad_weight_workspace_numel(int splits, std::int64_t nnz, in
   return static_cast<std::int64_t>(splits) * nnz * block * block;
 }
 
-void linear_grad_weight(const BsmmSddArgs& a, std::uintptr_t stream, int device) {
-  check_common(kSdd, a.dtype, a.block);
-  if (a.splits < 1 || a.splits > kBsmmSddMaxSplits) {
-    throw std::invalid_argument(std::string(kSdd) + ": splits must be in [1, " +
-                                std::to_string(kBsmmSddMaxSplits) + "], got " + std::to_string(a.splits));
-  }
-  if (a.nnz == 0) return;  // empty output
-  // Tokens per split: a whole number of K tiles; drop splits that would be empty.
-  const std::int64_t M = a.M > 0 ? a.M : 0;
-  std::int64_t chunk = ceil_div(ceil_div(M, a.splits), bsmm::kSddChunkQuantum) * bsmm::kSddChunkQuantum;
-  if (chunk == 0) chunk = bsmm::kSddChunkQuantum;
-  const int splits = M > 0 ? static_cast<int>(ceil_div(M, chunk)) : 1;
-  if (splits > 1 && a.workspace_numel < linear_grad_weight_workspace_numel(splits, a.nnz, a.block)) {
-    throw std::invalid_argument(std::string(kSdd) + ": workspace_numel=" + std::to_string(a.workspace_numel) +
-                                " is smaller than the " +
-                                std::to_string(linear_grad_weight_workspace_numel(splits, a.nnz, a.block)) +
-                                " fp32 elements needed for " + std::to_string(splits) + " splits");
-  }
-  const int count = require_device(kSdd);
-  DeviceGuard guard(device, count, kSdd);
-  const Path path = select_path(kSdd, guard.device());
-  (void)cudaGetLastError();
-
-  bsmm::SddParams p{};
+void linear_grad_weight(const GradWeightArgs& a, std::uintptr_t stream, int device) {
+  const MatmulShape& sh = a.shape;
+  if (sh.nnz == 0) return;  // empty output
+  // Tokens per split: a whole number of K tiles; drop splits that would be empty (so at most
+  // a.splits, whose workspace the bindings checked).
+  const std::int64_t M = sh.M > 0 ? sh.M : 0;
+  const std::int64_t quantum = bsmm::kGradWeightChunkQuantum;
+  std::int64_t chunk = ceil_div(ceil_div(M, a.splits > 0 ? a.splits : 1), quantum) * quantum;
+  if (chunk == 0) chunk = quantum;
+  bsmm::GradWeightParams p{};
   p.dy = a.dy;
   p.lddy = a.lddy;
   p.x = a.x;
@@ -152,22 +138,19 @@ void linear_grad_weight(const BsmmSddArgs& a, std::uintptr_t stream, int device)
   p.out = a.out;
   p.workspace = a.workspace;
   p.M = M;
-  p.rows = a.rows;
-  p.cols = a.cols;
-  p.nnz = a.nnz;
+  p.rows = sh.rows;
+  p.cols = sh.cols;
+  p.nnz = sh.nnz;
   p.chunk = chunk;
-  p.splits = splits;
-  p.split3 = a.tf32 ? 0 : 1;
+  p.splits = M > 0 ? static_cast<int>(ceil_div(M, chunk)) : 1;
+  p.split3 = sh.tf32 ? 0 : 1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (path) {
-    case Path::kSm80Wmma:
-      switch (a.dtype) {
-        case kFloat32: bsmm::launch_sdd_sm80<float>(p, a.block, s); break;
-        case kFloat16: bsmm::launch_sdd_sm80<__half>(p, a.block, s); break;
-        case kBFloat16: bsmm::launch_sdd_sm80<__nv_bfloat16>(p, a.block, s); break;
-      }
-      break;
-  }
+  launch_on_device(kGradWeight, device, sh.dtype, [&](Path path, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    switch (path) {
+      case Path::kSm80Wmma: bsmm::launch_grad_weight_sm80<T>(p, sh.block, s); break;
+    }
+  });
 }
 
 }  // namespace set_kernels

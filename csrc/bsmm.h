@@ -20,35 +20,49 @@
 // Dtypes fp32 / fp16 / bf16 (DType codes of masked_adam.h), fp32 accumulation,
 // block sizes 16, 32, 64, 128.  The matmuls run on the tensor cores (wmma:
 // m16n16k16 for fp16/bf16, m16n16k8 TF32 for fp32).  fp32 inputs use a 3xTF32
-// split by default (a = a_hi + a_lo, a*b ~ a_hi*b_hi + a_hi*b_lo + a_lo*b_hi,
-// relative error of the products ~2^-21, i.e. close to fp32); `tf32 = true`
-// opts into a single TF32 pass (10-bit mantissa inputs, ~1e-3 relative error,
-// about 3x fewer tensor-core operations).
+// split when `tf32 = false` (a = a_hi + a_lo, a*b ~ a_hi*b_hi + a_hi*b_lo + a_lo*b_hi,
+// relative error of the products ~2^-21, i.e. close to fp32) and a single TF32
+// pass when `tf32 = true` (10-bit mantissa inputs, ~1e-3 relative error, about
+// 3x fewer tensor-core operations).  The Python backend sets the flag from
+// torch's fp32 matmul precision (set_kernels/backends/_precision.py).
 //
 // The launchers check that a device exists before touching any pointer, make
 // `device` current for the call (-1 = keep the current device), pick the
 // kernel path for the device's architecture, and check every CUDA call and
-// launch (std::runtime_error naming the kernel).  std::invalid_argument for
-// arguments that cannot be launched.  Argument validation proper (null
-// pointers, negative sizes, block size, dtype code) is done by the bindings
-// before any CUDA call; the launchers re-check the dtype code and block size.
-// Asynchronous on `stream`; no host synchronisation, no allocation.
+// launch (std::runtime_error naming the kernel).  Argument validation (null
+// pointers, sizes, strides, block size, dtype code, splits, workspace size) is
+// done once, by the bindings (python/src/checks.h), before any CUDA call; the
+// launchers only throw std::invalid_argument for a dtype or block size they
+// have no kernel for.  Asynchronous on `stream`; no host synchronisation, no
+// allocation.
 #pragma once
 
 #include <cstdint>
 
 namespace set_kernels {
 
-inline bool bsmm_block_is_valid(int block) noexcept {
+inline bool block_size_is_valid(int block) noexcept {
   return block == 16 || block == 32 || block == 64 || block == 128;
 }
 
+// The sizes, dtype and fp32 mode of a matmul (every op): W (rows, cols) of b x b blocks with nnz
+// live, M tokens.  tf32: fp32 only, one TF32 pass instead of the 3xTF32 split.
+struct MatmulShape {
+  std::int64_t M = 0;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::int64_t nnz = 0;
+  int block = 0;
+  int dtype = 0;
+  bool tf32 = false;
+};
+
 // linear_forward and linear_grad_input share one argument set.
-//   dsd: a = x (M, cols), ptr = row_ptr (R+1), idx = col_idx (nnz), perm unused,
-//        out = y (M, rows), bias = (rows,) or null.
-//   dds: a = dy (M, rows), ptr = col_ptr (C+1), idx = row_idx (nnz), perm (nnz),
-//        out = dx (M, cols), bias must be null.
-struct BsmmDsdArgs {
+//   forward:    a = x (M, cols), ptr = row_ptr (R+1), idx = col_idx (nnz), perm unused,
+//               out = y (M, rows), bias = (rows,) or null.
+//   grad_input: a = dy (M, rows), ptr = col_ptr (C+1), idx = row_idx (nnz), perm (nnz),
+//               out = dx (M, cols), bias must be null.
+struct LinearArgs {
   const void* a = nullptr;
   std::int64_t lda = 0;  // row stride of a, in elements
   const void* values = nullptr;
@@ -58,19 +72,13 @@ struct BsmmDsdArgs {
   const void* bias = nullptr;
   void* out = nullptr;
   std::int64_t ldo = 0;  // row stride of out, in elements
-  std::int64_t M = 0;
-  std::int64_t rows = 0;
-  std::int64_t cols = 0;
-  std::int64_t nnz = 0;
-  int block = 0;
-  int dtype = 0;
-  bool tf32 = false;
+  MatmulShape shape;
 };
 
-void linear_forward(const BsmmDsdArgs& args, std::uintptr_t stream, int device);
-void linear_grad_input(const BsmmDsdArgs& args, std::uintptr_t stream, int device);
+void linear_forward(const LinearArgs& args, std::uintptr_t stream, int device);
+void linear_grad_input(const LinearArgs& args, std::uintptr_t stream, int device);
 
-struct BsmmSddArgs {
+struct GradWeightArgs {
   const void* dy = nullptr;  // (M, rows)
   std::int64_t lddy = 0;
   const void* x = nullptr;  // (M, cols)
@@ -80,20 +88,14 @@ struct BsmmSddArgs {
   void* out = nullptr;                      // (nnz, b, b), contiguous
   float* workspace = nullptr;               // >= linear_grad_weight_workspace_numel(splits, nnz, b) floats
   std::int64_t workspace_numel = 0;
-  std::int64_t M = 0;
-  std::int64_t rows = 0;
-  std::int64_t cols = 0;
-  std::int64_t nnz = 0;
-  int block = 0;
-  int dtype = 0;
-  bool tf32 = false;
+  MatmulShape shape;
   int splits = 1;  // token splits (split-K); 1 writes `out` directly
 };
 
-void linear_grad_weight(const BsmmSddArgs& args, std::uintptr_t stream, int device);
+void linear_grad_weight(const GradWeightArgs& args, std::uintptr_t stream, int device);
 
 // Largest accepted `splits`.
-constexpr int kBsmmSddMaxSplits = 1024;
+constexpr int kGradWeightMaxSplits = 1024;
 
 // The split count linear_grad_weight uses by default: a function of the shape only (not
 // of the GPU), so that results are bit-identical for a given shape: enough

@@ -9,10 +9,10 @@
 //                   (wgmma + TMA) behind the same launcher (see bsmm_internal.cuh).
 //   StageLoader     guarded, coalesced global -> register -> shared copies of one
 //                   operand tile, with zero fill outside the valid region.
-//   dsd_kernel      linear_forward and linear_grad_input (the same loop over one output block row /
-//                   column; dds reads W through the CSC index, so there are no atomics).
-//   sdd_kernel      linear_grad_weight over (live block, output sub-tile, token split).
-//   sdd_reduce      fixed-order sum of the split-K partials (deterministic).
+//   linear_kernel      linear_forward and linear_grad_input (the same loop over one output block row /
+//                   column; grad_input reads W through the CSC index, so there are no atomics).
+//   grad_weight_kernel      linear_grad_weight over (live block, output sub-tile, token split).
+//   grad_weight_reduce      fixed-order sum of the split-K partials (deterministic).
 //
 // Edge handling: every global load is guarded; operand elements outside the matrix
 // (tokens >= M, columns >= rows/cols) and entries of an edge block beyond the
@@ -43,9 +43,9 @@ namespace bsmm {
 namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 128;  // 4 warps per CTA, for every kernel here
-constexpr const char* kDsdName = "set_kernels._C.linear_forward";
-constexpr const char* kDdsName = "set_kernels._C.linear_grad_input";
-constexpr const char* kSddName = "set_kernels._C.linear_grad_weight";
+constexpr const char* kForwardName = "set_kernels._C.linear_forward";
+constexpr const char* kGradInputName = "set_kernels._C.linear_grad_input";
+constexpr const char* kGradWeightName = "set_kernels._C.linear_grad_weight";
 
 // ---- element conversions --------------------------------------------------------------
 template <typename T>
@@ -297,10 +297,10 @@ struct StageLoader {
 };
 
 // ---- linear_forward / linear_grad_input ----------------------------------------------------------------
-// CTA: 64 tokens x BN output columns of one output block (row for dsd, column for dds);
+// CTA: 64 tokens x BN output columns of one output block (row for forward, column for grad_input);
 // b = 128 uses two 64-wide sub-tiles.  K walks the live blocks of the output block, BK at a time.
-template <typename T, int B, bool kDds>
-struct DsdConfig {
+template <typename T, int B, bool kGradInput>
+struct LinearConfig {
   static constexpr int BN = B < 64 ? B : 64;
   static constexpr int BK = B < 32 ? B : 32;
   static constexpr int BM = 64;
@@ -308,12 +308,12 @@ struct DsdConfig {
   static constexpr int WM = 4 / WN;
   static constexpr int NSUB = B / BN;
   static constexpr int KT = B / BK;  // K tiles per block
-  using Tile = TileSm80<T, BM, BN, BK, WM, WN, 1, /*A col-major*/ false, /*B row-major*/ kDds>;
+  using Tile = TileSm80<T, BM, BN, BK, WM, WN, 1, /*A col-major*/ false, /*B row-major*/ kGradInput>;
 };
 
-template <typename T, int B, bool kDds>
-__global__ void __launch_bounds__(kThreads) dsd_kernel(const DsdParams p) {
-  using Cfg = DsdConfig<T, B, kDds>;
+template <typename T, int B, bool kGradInput>
+__global__ void __launch_bounds__(kThreads) linear_kernel(const LinearParams p) {
+  using Cfg = LinearConfig<T, B, kGradInput>;
   using Tile = typename Cfg::Tile;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, KT = Cfg::KT;
   __shared__ __align__(128) unsigned char smem[Tile::kSmemBytes];
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) dsd_kernel(const DsdParams p) {
   const std::int64_t m_tiles = (p.M + BM - 1) / BM;
 
   StageLoader<T, BM, BK, Tile::kLdA> la;
-  StageLoader<T, Tile::kRowsB, kDds ? BN : BK, Tile::kLdB> lb;
+  StageLoader<T, Tile::kRowsB, kGradInput ? BN : BK, Tile::kLdB> lb;
 
   for (std::int64_t mt = blockIdx.y; mt < m_tiles; mt += gridDim.y) {
     const std::int64_t m0 = mt * BM;
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) dsd_kernel(const DsdParams p) {
       const int e = begin + t / KT;
       const int kc = (t % KT) * BK;
       const std::int64_t kb = static_cast<std::int64_t>(p.idx[e]) * B;  // first column of a
-      const std::int64_t v = kDds ? static_cast<std::int64_t>(p.perm[e]) : static_cast<std::int64_t>(e);
+      const std::int64_t v = kGradInput ? static_cast<std::int64_t>(p.perm[e]) : static_cast<std::int64_t>(e);
       const std::int64_t k_edge = p.k_total - kb - kc;  // valid k in this chunk (clipped below)
       const int k_valid = static_cast<int>(k_edge < BK ? k_edge : BK);
       const T* __restrict__ blk = V + v * (B * B);
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) dsd_kernel(const DsdParams p) {
       la.load([&](int r, int c) {
         return (r < m_valid && c < k_valid) ? arow[(m0 + r) * p.lda + c] : from_float<T>(0.0f);
       });
-      if constexpr (kDds) {  // B tile (k, n) = values[v][kc + k][n0 + n]
+      if constexpr (kGradInput) {  // B tile (k, n) = values[v][kc + k][n0 + n]
         lb.load([&](int r, int c) {
           return r < k_valid ? blk[(kc + r) * B + n0 + c] : from_float<T>(0.0f);
         });
@@ -408,20 +408,20 @@ __global__ void __launch_bounds__(kThreads) dsd_kernel(const DsdParams p) {
 // CTA: one BI x BI sub-tile of one live block's gradient, over one token split; K = tokens.
 // b = 16 has a single 16x16 fragment per tile, so its 4 warps split K instead (WK = 4).
 template <typename T, int B>
-struct SddConfig {
+struct GradWeightConfig {
   static constexpr int BI = B < 64 ? B : 64;
   static constexpr int BK = B == 16 ? 64 : 32;
   static constexpr int WM = BI >= 32 ? 2 : 1;
   static constexpr int WN = WM;
   static constexpr int WK = 4 / (WM * WN);
   static constexpr int NSUB = B / BI;
-  static_assert(kSddChunkQuantum % BK == 0, "split chunks must be whole K tiles");
+  static_assert(kGradWeightChunkQuantum % BK == 0, "split chunks must be whole K tiles");
   using Tile = TileSm80<T, BI, BI, BK, WM, WN, WK, /*A col-major*/ true, /*B row-major*/ true>;
 };
 
 template <typename T, int B>
-__global__ void __launch_bounds__(kThreads) sdd_kernel(const SddParams p) {
-  using Cfg = SddConfig<T, B>;
+__global__ void __launch_bounds__(kThreads) grad_weight_kernel(const GradWeightParams p) {
+  using Cfg = GradWeightConfig<T, B>;
   using Tile = typename Cfg::Tile;
   constexpr int BI = Cfg::BI, BK = Cfg::BK, NSUB = Cfg::NSUB;
   __shared__ __align__(128) unsigned char smem[Tile::kSmemBytes];
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kThreads) sdd_kernel(const SddParams p) {
 // Second pass of the split-K: out[e] = sum over splits s = 0, 1, ... (in this order) of
 // workspace[s][e]; exact zeros past the matrix edge.  Grid-stride over nnz * b * b.
 template <typename T>
-__global__ void __launch_bounds__(256) sdd_reduce_kernel(const SddParams p, int B) {
+__global__ void __launch_bounds__(256) grad_weight_reduce_kernel(const GradWeightParams p, int B) {
   const std::int64_t bb = static_cast<std::int64_t>(B) * B;
   const std::int64_t total = p.nnz * bb;
   T* __restrict__ out = static_cast<T*>(p.out);
@@ -542,57 +542,57 @@ inline unsigned grid_y_for(std::int64_t tiles) {
   return static_cast<unsigned>(tiles < 65535 ? (tiles > 0 ? tiles : 1) : 65535);
 }
 
-template <typename T, int B, bool kDds>
-void launch_dsd_block(const DsdParams& p, cudaStream_t stream) {
-  using Cfg = DsdConfig<T, B, kDds>;
+template <typename T, int B, bool kGradInput>
+void launch_linear_block(const LinearParams& p, cudaStream_t stream) {
+  using Cfg = LinearConfig<T, B, kGradInput>;
   const std::int64_t out_blocks = (p.n_out + B - 1) / B;
   const std::int64_t gx = out_blocks * Cfg::NSUB;
   const std::int64_t m_tiles = (p.M + Cfg::BM - 1) / Cfg::BM;
-  const char* op = kDds ? kDdsName : kDsdName;
+  const char* op = kGradInput ? kGradInputName : kForwardName;
   if (gx > 0x7fffffffLL) throw std::invalid_argument(std::string(op) + ": too many output blocks");
   const dim3 grid(static_cast<unsigned>(gx), grid_y_for(m_tiles));
-  dsd_kernel<T, B, kDds><<<grid, kThreads, 0, stream>>>(p);
-  check_launch(op, std::string(kDds ? "linear_grad_input" : "linear_forward") + "_kernel<" + DTypeName<T>::value +
+  linear_kernel<T, B, kGradInput><<<grid, kThreads, 0, stream>>>(p);
+  check_launch(op, std::string(kGradInput ? "linear_grad_input" : "linear_forward") + "_kernel<" + DTypeName<T>::value +
                        ", b=" + std::to_string(B) + ">");
 }
 
 template <typename T>
-void launch_dsd_sm80(const DsdParams& p, int block, bool dds, cudaStream_t stream) {
+void launch_linear_sm80(const LinearParams& p, int block, bool grad_input, cudaStream_t stream) {
   switch (block) {
-    case 16: dds ? launch_dsd_block<T, 16, true>(p, stream) : launch_dsd_block<T, 16, false>(p, stream); break;
-    case 32: dds ? launch_dsd_block<T, 32, true>(p, stream) : launch_dsd_block<T, 32, false>(p, stream); break;
-    case 64: dds ? launch_dsd_block<T, 64, true>(p, stream) : launch_dsd_block<T, 64, false>(p, stream); break;
-    case 128: dds ? launch_dsd_block<T, 128, true>(p, stream) : launch_dsd_block<T, 128, false>(p, stream); break;
-    default: throw std::invalid_argument(std::string(dds ? kDdsName : kDsdName) + ": unsupported block size " +
+    case 16: grad_input ? launch_linear_block<T, 16, true>(p, stream) : launch_linear_block<T, 16, false>(p, stream); break;
+    case 32: grad_input ? launch_linear_block<T, 32, true>(p, stream) : launch_linear_block<T, 32, false>(p, stream); break;
+    case 64: grad_input ? launch_linear_block<T, 64, true>(p, stream) : launch_linear_block<T, 64, false>(p, stream); break;
+    case 128: grad_input ? launch_linear_block<T, 128, true>(p, stream) : launch_linear_block<T, 128, false>(p, stream); break;
+    default: throw std::invalid_argument(std::string(grad_input ? kGradInputName : kForwardName) + ": unsupported block size " +
                                          std::to_string(block));
   }
 }
 
 template <typename T, int B>
-void launch_sdd_block(const SddParams& p, cudaStream_t stream) {
-  using Cfg = SddConfig<T, B>;
+void launch_grad_weight_block(const GradWeightParams& p, cudaStream_t stream) {
+  using Cfg = GradWeightConfig<T, B>;
   const std::int64_t gx = p.nnz * Cfg::NSUB * Cfg::NSUB;
-  if (gx > 0x7fffffffLL) throw std::invalid_argument(std::string(kSddName) + ": nnz is too large");
+  if (gx > 0x7fffffffLL) throw std::invalid_argument(std::string(kGradWeightName) + ": nnz is too large");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(p.splits));
-  sdd_kernel<T, B><<<grid, kThreads, 0, stream>>>(p);
-  check_launch(kSddName, std::string("linear_grad_weight_kernel<") + DTypeName<T>::value + ", b=" + std::to_string(B) + ">");
+  grad_weight_kernel<T, B><<<grid, kThreads, 0, stream>>>(p);
+  check_launch(kGradWeightName, std::string("linear_grad_weight_kernel<") + DTypeName<T>::value + ", b=" + std::to_string(B) + ">");
   if (p.splits > 1) {
     const std::int64_t total = p.nnz * B * B;
     const std::int64_t blocks = (total + 255) / 256;
     const unsigned rg = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
-    sdd_reduce_kernel<T><<<rg, 256, 0, stream>>>(p, B);
-    check_launch(kSddName, std::string("linear_grad_weight_reduce_kernel<") + DTypeName<T>::value + ">");
+    grad_weight_reduce_kernel<T><<<rg, 256, 0, stream>>>(p, B);
+    check_launch(kGradWeightName, std::string("linear_grad_weight_reduce_kernel<") + DTypeName<T>::value + ">");
   }
 }
 
 template <typename T>
-void launch_sdd_sm80(const SddParams& p, int block, cudaStream_t stream) {
+void launch_grad_weight_sm80(const GradWeightParams& p, int block, cudaStream_t stream) {
   switch (block) {
-    case 16: launch_sdd_block<T, 16>(p, stream); break;
-    case 32: launch_sdd_block<T, 32>(p, stream); break;
-    case 64: launch_sdd_block<T, 64>(p, stream); break;
-    case 128: launch_sdd_block<T, 128>(p, stream); break;
-    default: throw std::invalid_argument(std::string(kSddName) + ": unsupported block size " + std::to_string(block));
+    case 16: launch_grad_weight_block<T, 16>(p, stream); break;
+    case 32: launch_grad_weight_block<T, 32>(p, stream); break;
+    case 64: launch_grad_weight_block<T, 64>(p, stream); break;
+    case 128: launch_grad_weight_block<T, 128>(p, stream); break;
+    default: throw std::invalid_argument(std::string(kGradWeightName) + ": unsupported block size " + std::to_string(block));
   }
 }
 

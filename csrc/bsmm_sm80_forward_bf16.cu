@@ -4,6 +4,6 @@
 
 namespace set_kernels {
 namespace bsmm {
-template void launch_dsd_sm80<__nv_bfloat16>(const DsdParams&, int, bool, cudaStream_t);
+template void launch_linear_sm80<__nv_bfloat16>(const LinearParams&, int, bool, cudaStream_t);
 }  // namespace bsmm
 }  // namespace set_kernels

@@ -4,6 +4,6 @@
 
 namespace set_kernels {
 namespace bsmm {
-template void launch_dsd_sm80<float>(const DsdParams&, int, bool, cudaStream_t);
+template void launch_linear_sm80<float>(const LinearParams&, int, bool, cudaStream_t);
 }  // namespace bsmm
 }  // namespace set_kernels

@@ -4,6 +4,6 @@
 
 namespace set_kernels {
 namespace bsmm {
-template void launch_sdd_sm80<__nv_bfloat16>(const SddParams&, int, cudaStream_t);
+template void launch_grad_weight_sm80<__nv_bfloat16>(const GradWeightParams&, int, cudaStream_t);
 }  // namespace bsmm
 }  // namespace set_kernels

@@ -40,7 +40,7 @@
 namespace set_kernels {
 namespace {
 
-constexpr const char* kOpName = "set_kernels._C.masked_adam";
+constexpr const char* kOpName = "set_kernels._C.masked_adam_";
 constexpr int kMaxTensorsPerLaunch = 32;
 constexpr int kThreads = 256;
 constexpr std::int64_t kMaxBlocksPerTensor = 1024;
@@ -110,7 +110,7 @@ struct TensorTable {
 };
 // Kernel parameters are limited to 4 KiB on older toolkits/drivers.
 static_assert(sizeof(TensorTable<float>) + sizeof(ElementArgs) + 2 * sizeof(void*) <= 4000,
-              "masked_adam kernel parameters too large");
+              "masked_adam_ kernel parameters too large");
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -214,17 +214,8 @@ const char* dtype_name(int dtype) noexcept {
   }
 }
 
-void masked_adam(const std::vector<AdamTensor>& tensors, int dtype, const AdamHyperParams& hp,
+void masked_adam_(const std::vector<AdamTensor>& tensors, int dtype, const AdamHyperParams& hp,
                  std::uintptr_t stream, int device) {
-  if (!dtype_is_valid(dtype)) {
-    throw std::invalid_argument(std::string(kOpName) + ": unknown dtype code " +
-                                std::to_string(dtype));
-  }
-  if (hp.step < 1) {
-    throw std::invalid_argument(std::string(kOpName) + ": step must be >= 1, got " +
-                                std::to_string(hp.step));
-  }
-
   // A device must exist before any pointer is used; then run on `device`.
   const int device_count = require_device(kOpName);
   DeviceGuard guard(device, device_count, kOpName);
@@ -236,6 +227,7 @@ void masked_adam(const std::vector<AdamTensor>& tensors, int dtype, const AdamHy
     case kFloat32: launch_all<float>(tensors, args, hp, s); break;
     case kFloat16: launch_all<__half>(tensors, args, hp, s); break;
     case kBFloat16: launch_all<__nv_bfloat16>(tensors, args, hp, s); break;
+    default: throw std::invalid_argument(std::string(kOpName) + ": unknown dtype code " + std::to_string(dtype));
   }
 }
 

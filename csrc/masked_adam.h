@@ -67,9 +67,9 @@ struct AdamHyperParams {
 // Checks that a CUDA device is available before touching any pointer, and
 // checks every CUDA call and every kernel launch; throws std::runtime_error
 // naming the kernel on failure.  Argument validation (dtype code, null
-// pointers, sizes) is the caller's job, but `dtype` and `step` are re-checked
-// here (std::invalid_argument).
-void masked_adam(const std::vector<AdamTensor>& tensors, int dtype,
+// pointers, sizes, step >= 1) is the caller's job (python/src/checks.h); an
+// unknown dtype code still throws std::invalid_argument, after the device check.
+void masked_adam_(const std::vector<AdamTensor>& tensors, int dtype,
                  const AdamHyperParams& hp, std::uintptr_t stream, int device = -1);
 
 // ---- CUDA runtime helpers (never throw) -----------------------------------

@@ -97,7 +97,7 @@ def _adam_kwargs(**overrides):
 def test_extension_built_and_imports(C):
     assert Path(C.__file__).resolve().parent.name == "set_kernels"
     assert (C.DTYPE_FLOAT32, C.DTYPE_FLOAT16, C.DTYPE_BFLOAT16) == (0, 1, 2)
-    for name in ("masked_adam", "linear_forward", "linear_grad_input", "linear_grad_weight", "linear_grad_weight_splits",
+    for name in ("masked_adam_", "linear_forward", "linear_grad_input", "linear_grad_weight", "linear_grad_weight_splits",
                  "linear_grad_weight_workspace_numel", "cuda_device_count", "cuda_device_error", "compiled_archs",
                  "cuda_runtime_version", "cuda_driver_version"):
         assert callable(getattr(C, name)), name
@@ -133,11 +133,11 @@ def test_no_dynamic_cudart_or_torch_dependency(C):
 
 # ----------------------------------------------------------------------------- no GPU on this machine
 def test_masked_adam_without_gpu_raises(C, no_gpu):
-    with pytest.raises(RuntimeError, match=r"set_kernels\._C\.masked_adam: no CUDA device available"):
-        C.masked_adam(**_adam_kwargs())
+    with pytest.raises(RuntimeError, match=r"set_kernels\._C\.masked_adam_: no CUDA device available"):
+        C.masked_adam_(**_adam_kwargs())
     # empty tensors may have null pointers: still valid arguments, so the device check decides
     with pytest.raises(RuntimeError, match="no CUDA device available"):
-        C.masked_adam(**_adam_kwargs(params=[0], grads=[0], exp_avgs=[0], exp_avg_sqs=[0], numels=[0]))
+        C.masked_adam_(**_adam_kwargs(params=[0], grads=[0], exp_avgs=[0], exp_avg_sqs=[0], numels=[0]))
 
 
 def test_backend_unavailable_without_gpu(C, cuda_backend, no_gpu):
@@ -179,18 +179,18 @@ def test_backend_masked_adam_raises_without_gpu(C, cuda_backend, no_gpu):
 def test_binding_rejects_bad_arguments(C, overrides, names):
     # These checks run before the device check: ValueError with or without a GPU.
     with pytest.raises(ValueError) as info:
-        C.masked_adam(**_adam_kwargs(**overrides))
+        C.masked_adam_(**_adam_kwargs(**overrides))
     msg = str(info.value)
-    assert msg.startswith("set_kernels._C.masked_adam:"), msg
+    assert msg.startswith("set_kernels._C.masked_adam_:"), msg
     for name in names:
         assert name in msg, f"{name!r} not in {msg!r}"
 
 
 def test_binding_rejects_wrong_types(C):
     with pytest.raises(TypeError):
-        C.masked_adam(**_adam_kwargs(params=[1.5]))
+        C.masked_adam_(**_adam_kwargs(params=[1.5]))
     with pytest.raises(TypeError):
-        C.masked_adam(**_adam_kwargs(params="abc"))
+        C.masked_adam_(**_adam_kwargs(params="abc"))
 
 
 # ------------------------------------------------------------------------------- Python backend surface
@@ -421,5 +421,5 @@ def test_gpu_low_precision_moments_are_supported(gpu_backend):
 @pytest.mark.gpu
 @requires_gpu
 def test_gpu_binding_accepts_empty_tensors(C):
-    C.masked_adam(**_adam_kwargs(params=[0], grads=[0], exp_avgs=[0], exp_avg_sqs=[0], numels=[0]))
+    C.masked_adam_(**_adam_kwargs(params=[0], grads=[0], exp_avgs=[0], exp_avg_sqs=[0], numels=[0]))
     torch.cuda.synchronize()

@@ -154,7 +154,7 @@ def test_binding_valid_arguments_reach_the_device_check(C, no_gpu, op):
 
 
 def test_sdd_split_helpers(C):
-    assert C.BSMM_BLOCK_SIZES == (16, 32, 64, 128)
+    assert C.BLOCK_SIZES == (16, 32, 64, 128)
     assert C.linear_grad_weight_splits(0, 10, 32) == 1
     assert C.linear_grad_weight_splits(100, 0, 32) == 1
     assert C.linear_grad_weight_splits(100, 4, 32) == 1  # too few tokens to split
@@ -163,7 +163,7 @@ def test_sdd_split_helpers(C):
     assert C.linear_grad_weight_splits(10**7, 4096, 64) == 1  # enough blocks: no split
     for M, nnz, b in [(3000, 7, 16), (70, 3, 128), (10**6, 33, 32)]:
         s = C.linear_grad_weight_splits(M, nnz, b)
-        assert 1 <= s <= C.BSMM_SDD_MAX_SPLITS
+        assert 1 <= s <= C.GRAD_WEIGHT_MAX_SPLITS
         assert s == C.linear_grad_weight_splits(M, nnz, b)  # a function of the shape only
     assert C.linear_grad_weight_workspace_numel(1, 10, 32) == 0
     assert C.linear_grad_weight_workspace_numel(3, 10, 32) == 3 * 10 * 32 * 32
@@ -234,6 +234,97 @@ def test_backend_functions_raise_without_gpu(C, no_gpu):
     for op, call in calls.items():
         with pytest.raises(RuntimeError, match="set_kernels cuda backend unavailable: no CUDA device"):
             call()
+
+
+# --------------------------------------------------------------------- fp32 precision (no GPU needed)
+@pytest.fixture
+def fp32_settings(monkeypatch):
+    """Restores torch's fp32 matmul precision (legacy and new API) and the library override."""
+    from set_kernels.backends import _precision
+
+    monkeypatch.delenv(_precision.ENV_VAR, raising=False)
+    matmul = torch.backends.cuda.matmul
+    before, before_new = torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None)
+    yield _precision
+    _precision.set_fp32_precision(None)
+    if before_new is not None:
+        matmul.fp32_precision = before_new
+    torch.set_float32_matmul_precision(before)
+
+
+# (torch setting, $SET_KERNELS_FP32_PRECISION, set_fp32_precision) -> (requested, triton, cuda)
+PRECISION_TABLE = [
+    ("highest", "", None, ("ieee", "ieee", "3xtf32")),
+    ("high", "", None, ("tf32", "tf32", "tf32")),
+    ("medium", "", None, ("tf32", "tf32", "tf32")),
+    ("allow_tf32=True", "", None, ("tf32", "tf32", "tf32")),
+    ("allow_tf32=False", "", None, ("ieee", "ieee", "3xtf32")),
+    ("fp32_precision=tf32", "", None, ("tf32", "tf32", "tf32")),
+    ("high", "ieee", None, ("ieee", "ieee", "3xtf32")),
+    ("highest", "3xtf32", None, ("3xtf32", "tf32x3", "3xtf32")),
+    ("highest", " TF32 ", None, ("tf32", "tf32", "tf32")),
+    ("high", "auto", None, ("tf32", "tf32", "tf32")),
+    ("highest", "tf32", "ieee", ("ieee", "ieee", "3xtf32")),
+    ("high", "ieee", "3xtf32", ("3xtf32", "tf32x3", "3xtf32")),
+    ("highest", "", "tf32", ("tf32", "tf32", "tf32")),
+]
+
+
+def _set_torch(setting):
+    matmul = torch.backends.cuda.matmul
+    if setting.startswith("allow_tf32="):
+        torch.set_float32_matmul_precision("medium")
+        matmul.allow_tf32 = setting.endswith("True")
+    elif setting.startswith("fp32_precision="):
+        if not hasattr(matmul, "fp32_precision"):
+            pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+        matmul.fp32_precision = setting.split("=")[1]
+    else:
+        torch.set_float32_matmul_precision(setting)
+
+
+@pytest.mark.parametrize("setting, env, override, expected", PRECISION_TABLE,
+                         ids=[f"{t}-{e.strip() or 'noenv'}-{o}" for t, e, o, _ in PRECISION_TABLE])
+def test_fp32_precision_mapping_and_precedence(monkeypatch, fp32_settings, setting, env, override, expected):
+    """set_fp32_precision > $SET_KERNELS_FP32_PRECISION > torch's own setting; what each GPU
+    backend then runs (triton's input_precision; the cuda kernels' exact mode is 3xTF32)."""
+    _set_torch(setting)
+    if env:
+        monkeypatch.setenv(fp32_settings.ENV_VAR, env)
+    fp32_settings.set_fp32_precision(override)
+    requested, triton_precision, cuda_mode = expected
+    assert fp32_settings.fp32_precision() == requested
+    assert backends.fp32_precision() == requested  # the public re-export
+    assert fp32_settings.backend_precision("triton") == triton_precision
+    assert fp32_settings.backend_precision("cuda") == cuda_mode
+    for dtype in (torch.float16, torch.bfloat16):  # the setting is about fp32 only
+        assert fp32_settings.backend_precision("triton", dtype) == "tf32"
+        assert fp32_settings.backend_precision("cuda", dtype) == "3xtf32"
+
+
+def test_cuda_backend_passes_the_tf32_flag_it_chose(fp32_settings):
+    """The cuda backend's Python side turns the setting into _C's tf32 flag (fp32 only), at every call."""
+    cuda = importlib.import_module("set_kernels.backends.cuda")
+    torch.set_float32_matmul_precision("highest")
+    assert cuda._mode(torch.float32) == (0, False) and not cuda.allow_tf32()
+    torch.set_float32_matmul_precision("high")
+    assert cuda._mode(torch.float32) == (0, True) and cuda.allow_tf32()
+    assert cuda._mode(torch.float16) == (1, False) and cuda._mode(torch.bfloat16) == (2, False)
+    fp32_settings.set_fp32_precision("3xtf32")
+    assert cuda._mode(torch.float32) == (0, False)
+    fp32_settings.set_fp32_precision("ieee")  # no IEEE path in _C: its exact mode, 3xTF32
+    assert cuda._mode(torch.float32) == (0, False)
+    assert not hasattr(cuda, "FP32_MATMUL")
+
+
+def test_fp32_precision_rejects_unknown_values(monkeypatch, fp32_settings):
+    with pytest.raises(ValueError, match="set_fp32_precision: expected one of 'ieee', 'tf32', '3xtf32'"):
+        backends.set_fp32_precision("fp64")
+    monkeypatch.setenv(fp32_settings.ENV_VAR, "bf16")
+    with pytest.raises(ValueError, match="SET_KERNELS_FP32_PRECISION: expected one of"):
+        fp32_settings.fp32_precision()
+    backends.set_fp32_precision("tf32")  # an explicit override does not read the env var
+    assert fp32_settings.fp32_precision() == "tf32"
 
 
 # ------------------------------------------------------------------------------------------ GPU tests
@@ -395,8 +486,9 @@ def test_gpu_token_counts_and_row_strides(cuda, poison_alloc, M):
 
 
 @pytest.mark.gpu
-def test_gpu_tf32_mode(cuda, monkeypatch):
-    """FP32_MATMUL='tf32' (one TF32 pass) stays within TF32 accuracy; the default is more accurate."""
+def test_gpu_tf32_mode(cuda, fp32_settings):
+    """One TF32 pass (torch's "high", or SET_KERNELS_FP32_PRECISION=tf32) stays within TF32
+    accuracy; the default (torch's "highest": 3xTF32) is more accurate."""
     b = 64
     layout, values, x, dy, bias = _inputs(b, 1.0, torch.float32, seed=21)
     values = values.nan_to_num(0.0)
@@ -405,15 +497,12 @@ def test_gpu_tf32_mode(cuda, monkeypatch):
     lay = layout.to("cuda")
     rows, cols = layout.shape
     errs = {}
-    for mode in ("3xtf32", "tf32"):
-        monkeypatch.setattr(cuda, "FP32_MATMUL", mode)
+    for setting in ("highest", "high"):
+        torch.set_float32_matmul_precision(setting)
         y = cuda.linear_forward(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, bias.cuda(), rows, cols, b)
-        errs[mode] = (y.cpu().double() - ref).abs().max().item() / ref.abs().max().item()
-    assert errs["3xtf32"] <= FP32_REL, errs
-    assert errs["tf32"] <= 5e-3, errs
-    monkeypatch.setattr(cuda, "FP32_MATMUL", "fp64")
-    with pytest.raises(ValueError, match="FP32_MATMUL"):
-        cuda.linear_forward(x.cuda(), values.cuda(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        errs[setting] = (y.cpu().double() - ref).abs().max().item() / ref.abs().max().item()
+    assert errs["highest"] <= FP32_REL, errs
+    assert errs["high"] <= 5e-3, errs
 
 
 @pytest.mark.gpu
@@ -553,23 +642,29 @@ def test_gpu_follows_the_tensors_device(cuda):
 
 @pytest.mark.gpu
 def test_gpu_rejects_bad_tensors(cuda):
+    """Bad arguments are refused at the public op boundary (backend="cuda"), naming the argument;
+    the backend functions themselves only refuse what the kernels cannot read (CPU tensors)."""
     b = 16
     layout, values, x, dy, bias = _inputs(b, 1.0, torch.float32, seed=61)
     lay = layout.to("cuda")
     rows, cols = layout.shape
     v, xd = values.cuda(), x.cuda()
-    with pytest.raises(ValueError, match="x: the cuda backend needs CUDA tensors"):
+    op = sk.ops.block_sparse_linear
+    with pytest.raises(ValueError, match="the cuda backend needs CUDA tensors"):
         cuda.linear_forward(x, v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+    with pytest.raises(ValueError, match="device"):
+        op(x, v, lay, backend="cuda")
     with pytest.raises(TypeError, match="values: expected dtype"):
-        cuda.linear_forward(xd, v.half(), lay.row_ptr, lay.col_idx, None, rows, cols, b)
-    with pytest.raises(TypeError, match="row_ptr: expected an int32"):
-        cuda.linear_forward(xd, v, lay.row_ptr.long(), lay.col_idx, None, rows, cols, b)
-    with pytest.raises(ValueError, match="x: expected shape"):
-        cuda.linear_forward(xd[:, :-1], v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
-    with pytest.raises(ValueError, match="block_size"):
-        cuda.linear_forward(xd, v, lay.row_ptr, lay.col_idx, None, rows, cols, 8)
-    with pytest.raises(TypeError, match="x: the cuda backend supports"):
-        cuda.linear_forward(xd.double(), v, lay.row_ptr, lay.col_idx, None, rows, cols, b)
+        op(xd, v.half(), lay, backend="cuda")
+    with backends.use("cuda"), pytest.raises(TypeError, match="index: expected an int32"):
+        torch.ops.set_kernels.linear_forward(xd, v, lay.index.long(), None, rows, cols, b)
+    with pytest.raises(ValueError, match="x: expected last dimension"):
+        op(xd[:, :-1], v, lay, backend="cuda")
+    small = BSL.random(rows, cols, 8, 1.0, generator=gen(62)).to("cuda")
+    with pytest.raises(RuntimeError, match="block sizes"):
+        op(xd, torch.zeros(small.nnz_blocks, 8, 8, device="cuda"), small, backend="cuda")
+    with pytest.raises(RuntimeError, match="float64"):
+        op(xd.double(), v.double(), lay, backend="cuda")
 
 
 # ---------------------------------------------------------------------------------- masked Adam (GPU)

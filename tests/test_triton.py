@@ -305,7 +305,8 @@ def test_b1_routes_to_the_csr_kernels(monkeypatch):
 
     spmm = _spmm_module()
     calls = []
-    for module, names in ((spmm, ("spmm_dsd", "spmm_dds", "spmm_sdd")), (tb, ("_block_dsd", "_block_dds", "_block_sdd"))):
+    for module, names in ((spmm, ("spmm_forward", "spmm_grad_input", "spmm_grad_weight")),
+                          (tb, ("_block_forward", "_block_grad_input", "_block_grad_weight"))):
         for name in names:
             original = getattr(module, name)
 
@@ -315,10 +316,10 @@ def test_b1_routes_to_the_csr_kernels(monkeypatch):
 
             monkeypatch.setattr(module, name, spy)
     run_linear(*make_problem(20, 30, 1, 0.3, 5, torch.float32), "triton")
-    assert sorted(calls) == ["spmm_dds", "spmm_dsd", "spmm_sdd"]
+    assert sorted(calls) == ["spmm_forward", "spmm_grad_input", "spmm_grad_weight"]
     calls.clear()
     run_linear(*make_problem(20, 30, 16, 1.0, 5, torch.float32), "triton")
-    assert sorted(calls) == ["_block_dds", "_block_dsd", "_block_sdd"]
+    assert sorted(calls) == ["_block_forward", "_block_grad_input", "_block_grad_weight"]
     assert 1 in tb.BLOCK_SIZES and backends.resolve("triton", "linear_forward", DEVICE, torch.float32, 1) == "triton"
 
 
@@ -380,13 +381,14 @@ def test_b1_bit_identical_across_launch_configs_and_runs(dtype, poison_alloc):
 
 
 def test_b1_rejects_block_shaped_values_and_options():
+    """Block-shaped values on an element layout are refused by the public op (naming values);
+    the backend function refuses split-K options at b = 1."""
     from set_kernels.backends import triton as tb
 
     layout, values, x, bias, dy = make_problem(20, 30, 1, 0.3, 5, torch.float32)
     layout, x, dy = layout.to(DEVICE), x.to(DEVICE), dy.to(DEVICE)
     with pytest.raises(ValueError, match=r"values: expected shape \(\d+, 1, 1\)"):
-        tb.linear_forward(x, torch.zeros(layout.nnz_blocks, 2, 2, device=DEVICE), layout.row_ptr, layout.col_idx, None,
-                    20, 30, 1)
+        sk.ops.block_sparse_linear(x, torch.zeros(layout.nnz_blocks, 2, 2, device=DEVICE), layout, backend="triton")
     with pytest.raises(TypeError, match="no options"):
         tb.linear_grad_weight(dy, x, layout.block_row, layout.col_idx, 20, 30, 1, splits=2)
 
@@ -613,12 +615,28 @@ def test_triton_rejects_float64_with_reason():
 
 
 def test_bad_index_dtype_is_a_type_error():
+    """An int64 layout index reaching the custom op with the triton backend selected: TypeError
+    naming the index, from the op's index check (before any kernel)."""
+    layout, values, x, bias, dy = make_problem(40, 50, 16, 0.5, 3, torch.float32)
+    layout = layout.to(DEVICE)
+    with backends.use("triton"), pytest.raises(TypeError, match="index: expected an int32 tensor"):
+        torch.ops.set_kernels.linear_forward(x.to(DEVICE), values.to(DEVICE), layout.index.long(), None, 40, 50, 16)
+
+
+def test_backend_functions_check_what_the_kernels_rely_on():
+    """Called directly, the backend functions still refuse operands the kernels cannot index:
+    non-contiguous ones, and tensors of the wrong device type."""
     from set_kernels.backends import triton as tb
 
     layout, values, x, bias, dy = make_problem(40, 50, 16, 0.5, 3, torch.float32)
-    layout = layout.to(DEVICE)
-    with pytest.raises(TypeError, match="row_ptr"):
-        tb.linear_forward(x.to(DEVICE), values.to(DEVICE), layout.row_ptr.long(), layout.col_idx, None, 40, 50, 16)
+    layout, values, x = layout.to(DEVICE), values.to(DEVICE), x.to(DEVICE)
+    wide = torch.zeros(3, 60, device=DEVICE)[:, :50]
+    with pytest.raises(ValueError, match="x: the triton kernels need a contiguous tensor"):
+        tb.linear_forward(wide, values, layout.row_ptr, layout.col_idx, None, 40, 50, 16)
+    other = torch.device("meta")
+    with pytest.raises(ValueError, match="dy: expected a (cpu|cuda) tensor"):
+        tb.linear_grad_input(torch.zeros(3, 40, device=other), values, layout.col_ptr, layout.row_idx, layout.perm,
+                             40, 50, 16)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the no-GPU, not-interpreting case")
@@ -651,26 +669,73 @@ def test_interpreting_only_without_gpu():
     assert tb.DEVICES == (("cuda",) if ON_GPU else ("cpu",))
 
 
-def test_tf32_flag(monkeypatch):
-    from set_kernels.backends import triton as tb
-    from set_kernels.backends.triton import _common
+# fp32 precision: (torch setting, $SET_KERNELS_FP32_PRECISION, set_fp32_precision) -> PRECISION.
+PRECISION_CASES = [
+    ("highest", "", None, "ieee"),
+    ("high", "", None, "tf32"),
+    ("medium", "", None, "tf32"),
+    ("allow_tf32", "", None, "tf32"),
+    ("high", "3xtf32", None, "tf32x3"),
+    ("highest", "tf32", None, "tf32"),
+    ("high", "tf32", "ieee", "ieee"),
+    ("highest", "", "3xtf32", "tf32x3"),
+]
 
-    monkeypatch.delenv(tb.TF32_ENV_VAR, raising=False)
-    assert tb.TF32_ENV_VAR == "SET_KERNELS_TRITON_TF32"
-    assert not tb.allow_tf32() and _common.dot_precision(torch.float32) == "ieee"
-    monkeypatch.setenv(tb.TF32_ENV_VAR, "1")
-    assert tb.allow_tf32() and _common.dot_precision(torch.float32) == "tf32"
-    tb.set_allow_tf32(False)
-    try:
-        assert _common.dot_precision(torch.float32) == "ieee"
-        tb.set_allow_tf32(True)
-        monkeypatch.delenv(tb.TF32_ENV_VAR)
-        assert _common.dot_precision(torch.float32) == "tf32"
-        # TF32 products: still close to the reference (loosely; exact when interpreting)
-        layout, values, x, bias, dy = make_problem(100, 90, 32, 0.5, 20, torch.float32, seed=4)
-        y = run_linear(layout, values, x, bias, dy, "triton")[0]
-        assert_close_scaled(y, linear_ref(x, values, layout, bias, dy)[0], 5e-3, "y with tf32")
-    finally:
-        tb.set_allow_tf32(None)
-    with pytest.raises(TypeError, match="allow"):
-        tb.set_allow_tf32(1)
+
+@pytest.fixture
+def fp32_settings(monkeypatch):
+    """Restores torch's fp32 matmul precision and the library override after the test."""
+    from set_kernels.backends import _precision
+
+    monkeypatch.delenv(_precision.ENV_VAR, raising=False)
+    before = torch.get_float32_matmul_precision()
+    yield _precision
+    _precision.set_fp32_precision(None)
+    torch.set_float32_matmul_precision(before)
+
+
+def _apply_torch_setting(setting):
+    if setting == "allow_tf32":
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = True  # torch maps this to "high"
+    else:
+        torch.set_float32_matmul_precision(setting)
+
+
+@pytest.mark.parametrize("setting, env, override, expected", PRECISION_CASES,
+                         ids=[f"{t}-{e or 'noenv'}-{o}" for t, e, o, _ in PRECISION_CASES])
+def test_fp32_precision_reaches_every_kernel_launch(monkeypatch, fp32_settings, setting, env, override, expected):
+    """The PRECISION constexpr each block kernel is launched with follows torch's fp32 matmul
+    precision, then $SET_KERNELS_FP32_PRECISION, then set_fp32_precision (read at every call);
+    fp16 always gets "tf32" (ignored by tl.dot for fp16)."""
+    seen = []
+    for module, kernel in (("linear_forward", "_forward_kernel"), ("linear_grad_input", "_grad_input_kernel"),
+                           ("linear_grad_weight", "_grad_weight_kernel")):
+        tuner = getattr(importlib.import_module(f"set_kernels.backends.triton.{module}"), kernel)
+
+        def spy(*args, _run=tuner.run, _name=kernel, **kwargs):
+            seen.append((_name, kwargs["PRECISION"]))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(tuner, "run", spy)
+    _apply_torch_setting(setting)
+    if env:
+        monkeypatch.setenv(fp32_settings.ENV_VAR, env)
+    fp32_settings.set_fp32_precision(override)
+    layout, values, x, bias, dy = make_problem(40, 30, 16, 0.6, 5, torch.float32, seed=4)
+    y = run_linear(layout, values, x, bias, dy, "triton")[0]
+    assert sorted(seen) == [("_forward_kernel", expected), ("_grad_input_kernel", expected),
+                            ("_grad_weight_kernel", expected)]
+    # TF32 products: still close to the reference (loosely; exact when interpreting)
+    assert_close_scaled(y, linear_ref(x, values, layout, bias, dy)[0], 5e-3 if expected != "ieee" else TOL[torch.float32], "y")
+    seen.clear()
+    run_linear(*make_problem(40, 30, 16, 0.6, 5, torch.float16, seed=4), "triton")
+    assert {p for _, p in seen} == {"tf32"}
+
+
+def test_old_tf32_switches_are_gone():
+    """One name for the setting: the triton-only switches are no longer there (allow_tf32 is a query)."""
+    from set_kernels.backends import triton as tb
+
+    assert not hasattr(tb, "set_allow_tf32") and not hasattr(tb, "TF32_ENV_VAR")
+    assert isinstance(tb.allow_tf32(), bool)

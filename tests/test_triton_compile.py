@@ -28,9 +28,9 @@ from triton.compiler import ASTSource
 
 common = importlib.import_module("set_kernels.backends.triton._common")
 assert not common.INTERPRET
-dsd = importlib.import_module("set_kernels.backends.triton.linear_forward")
-dds = importlib.import_module("set_kernels.backends.triton.linear_grad_input")
-sdd = importlib.import_module("set_kernels.backends.triton.linear_grad_weight")
+forward = importlib.import_module("set_kernels.backends.triton.linear_forward")
+grad_input = importlib.import_module("set_kernels.backends.triton.linear_grad_input")
+grad_weight = importlib.import_module("set_kernels.backends.triton.linear_grad_weight")
 adam = importlib.import_module("set_kernels.backends.triton.masked_adam")
 spmm = importlib.import_module("set_kernels.backends.triton.spmm")
 DIV = [["tt.divisibility", 16]]  # what triton's launcher specialises for multiples of 16
@@ -57,24 +57,24 @@ for arch in (90, 80):
                    BLOCK_M=0, GROUP_M=0)
         div = ["x_ptr", "v_ptr", "y_ptr", "bias_ptr", "M", "rows", "cols"]
         for stages in (2, 3):
-            r = compile_(dsd._dsd_kernel.fn, sig, dict(B=b, HAS_BIAS=True, INTERPRETED=False, PRECISION=prec,
+            r = compile_(forward._forward_kernel.fn, sig, dict(B=b, HAS_BIAS=True, INTERPRETED=False, PRECISION=prec,
                          BLOCK_M=64, GROUP_M=8), arch, 4, stages, div)
-            out[f"dsd-{arch}-{dt}-{stages}"] = r
+            out[f"forward-{arch}-{dt}-{stages}"] = r
         sig = dict(dy_ptr=p, v_ptr=p, col_ptr="*i32", row_idx="*i32", perm="*i32", dx_ptr=p, M="i32", rows="i32",
                    cols="i32", n_in_blocks="i32", M_BUCKET="i32", B=0, INTERPRETED=0, PRECISION=0, BLOCK_M=0,
                    GROUP_M=0)
         for stages in (2, 3):
-            out[f"dds-{arch}-{dt}-{stages}"] = compile_(
-                dds._dds_kernel.fn, sig, dict(B=b, INTERPRETED=False, PRECISION=prec, BLOCK_M=64, GROUP_M=8), arch, 4,
+            out[f"grad_input-{arch}-{dt}-{stages}"] = compile_(
+                grad_input._grad_input_kernel.fn, sig, dict(B=b, INTERPRETED=False, PRECISION=prec, BLOCK_M=64, GROUP_M=8), arch, 4,
                 stages, ["dy_ptr", "v_ptr", "dx_ptr", "M", "rows", "cols"])
         for partial in (False, True):
             sig = dict(dy_ptr=p, x_ptr=p, block_row="*i32", col_idx="*i32", out_ptr="*fp32" if partial else p,
                        M="i32", rows="i32", cols="i32", nnz="i32", TOKENS_PER_SPLIT="i32", M_BUCKET="i32", B=0,
                        PARTIAL=0, INTERPRETED=0, PRECISION=0, BLOCK_K=0)
-            out[f"sdd-{arch}-{dt}-{partial}"] = compile_(
-                sdd._sdd_kernel.fn, sig, dict(B=b, PARTIAL=partial, INTERPRETED=False, PRECISION=prec, BLOCK_K=32),
+            out[f"grad_weight-{arch}-{dt}-{partial}"] = compile_(
+                grad_weight._grad_weight_kernel.fn, sig, dict(B=b, PARTIAL=partial, INTERPRETED=False, PRECISION=prec, BLOCK_K=32),
                 arch, 8 if b >= 128 else 4)
-        out[f"sum-{arch}-{dt}"] = compile_(sdd._sum_splits_kernel, dict(ws_ptr="*fp32", out_ptr=p, nnz="i32",
+        out[f"sum-{arch}-{dt}"] = compile_(grad_weight._sum_splits_kernel, dict(ws_ptr="*fp32", out_ptr=p, nnz="i32",
                                            n_splits="i32", B=0, INTERPRETED=0), dict(B=b, INTERPRETED=False), arch, 4)
     TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
     for pdt, sdt, flags in (("bf16", "fp32", (True, True, True, False)), ("fp32", "fp32", (False, False, False, True)),
@@ -108,7 +108,7 @@ for arch in (90, 80):
         for perm in (False, True):
             for aligned in (True, False):
                 cfg = spmm.SPMM_CONFIGS[3]
-                out[f"spmm-{arch}-{dt}-{'dds' if perm else 'dsd'}-{aligned}"] = compile_(
+                out[f"spmm-{arch}-{dt}-{'grad_input' if perm else 'forward'}-{aligned}"] = compile_(
                     spmm._spmm_kernel.fn, spmm_sig(p), dict(HAS_PERM=perm, HAS_BIAS=not perm, INTERPRETED=False,
                     LOG_K=spmm.LOG_KC, **cfg.kwargs), arch, cfg.num_warps, cfg.num_stages, SPMM_DIV if aligned else (),
                     ttgir=True)
@@ -126,6 +126,14 @@ for i, cfg in enumerate(spmm.SDDMM_CONFIGS):
     out[f"sddmmcfg-{i}"] = compile_(spmm._sddmm_kernel.fn, sddmm_sig("*bf16"), dict(INTERPRETED=False,
                                     LOG_T=spmm.LOG_TOK, **cfg.kwargs), 90, cfg.num_warps, cfg.num_stages, SDDMM_DIV)
 out["n_spmm_configs"] = [len(spmm.SPMM_CONFIGS), len(spmm.SDDMM_CONFIGS)]
+# fp32 in each precision the fp32 setting can choose (set_kernels.backends._precision).
+for prec in ("tf32", "tf32x3"):
+    sig = dict(x_ptr="*fp32", v_ptr="*fp32", row_ptr="*i32", col_idx="*i32", bias_ptr="*fp32", y_ptr="*fp32",
+               M="i32", rows="i32", cols="i32", n_out_blocks="i32", M_BUCKET="i32", B=0, HAS_BIAS=0, INTERPRETED=0,
+               PRECISION=0, BLOCK_M=0, GROUP_M=0)
+    out[f"fp32prec-80-{prec}"] = compile_(forward._forward_kernel.fn, sig, dict(
+        B=32, HAS_BIAS=True, INTERPRETED=False, PRECISION=prec, BLOCK_M=64, GROUP_M=8), 80, 4, 3,
+        ["x_ptr", "v_ptr", "y_ptr", "bias_ptr", "M", "rows", "cols"])
 json.dump(out, open(sys.argv[1], "w"))
 '''
 
@@ -151,7 +159,7 @@ def compiled(tmp_path_factory):
 
 def test_every_kernel_compiles_for_sm90_and_sm80(compiled):
     for arch in (90, 80):
-        for op in ("dsd", "dds", "sdd", "sum", "adam", "spmm", "sddmm"):
+        for op in ("forward", "grad_input", "grad_weight", "sum", "adam", "spmm", "sddmm"):
             assert any(k.startswith(f"{op}-{arch}-") for k in compiled), (op, arch)
     n_spmm, n_sddmm = compiled["n_spmm_configs"]
     assert all(f"spmmcfg-{i}" in compiled for i in range(n_spmm))
@@ -159,21 +167,28 @@ def test_every_kernel_compiles_for_sm90_and_sm80(compiled):
 
 
 def test_bf16_matmuls_use_tensor_cores(compiled):
-    for op in ("dsd", "dds"):
+    for op in ("forward", "grad_input"):
         assert "wgmma.mma_async" in compiled[f"{op}-90-bf16-3"]["ptx"], op
         assert "mma.sync" in compiled[f"{op}-80-bf16-3"]["ptx"], op
-    assert "wgmma.mma_async" in compiled["sdd-90-bf16-False"]["ptx"]
+    assert "wgmma.mma_async" in compiled["grad_weight-90-bf16-False"]["ptx"]
 
 
 def test_exact_fp32_does_not_use_tf32(compiled):
-    ptx = compiled["dsd-80-fp32-3"]["ptx"]
+    ptx = compiled["forward-80-fp32-3"]["ptx"]
     assert "mma.sync" not in ptx and "fma.rn.f32" in ptx
+
+
+def test_fp32_tf32_modes_use_tensor_cores(compiled):
+    """"tf32" is one TF32 mma a K step, "tf32x3" (3xTF32) three: both on the tensor cores."""
+    one, three = (compiled[f"fp32prec-80-{p}"]["ptx"] for p in ("tf32", "tf32x3"))
+    assert ".tf32" in one and ".tf32" in three
+    assert three.count("mma.sync") > one.count("mma.sync") > 0
 
 
 def test_forward_and_dx_loops_are_multi_buffered(compiled):
     """More pipeline stages => more shared memory: the K loop is software-pipelined (the block
     indices are loaded one iteration ahead; loading them in the same iteration stopped this)."""
-    for op in ("dsd", "dds"):
+    for op in ("forward", "grad_input"):
         for arch in (90, 80):
             two, three = compiled[f"{op}-{arch}-bf16-2"]["smem"], compiled[f"{op}-{arch}-bf16-3"]["smem"]
             tile_set = (64 * 64 + 64 * 64) * 2  # x/dy tile and block, bf16, BLOCK_M = b = 64
@@ -198,7 +213,7 @@ def test_b1_gathers_are_vector_loads_over_transposed_activations(compiled):
     connection are contiguous: with M a multiple of 16 each thread loads 16 bytes at once."""
     for arch in (90, 80):
         for dt in ("bf16", "fp32"):
-            for key in (f"spmm-{arch}-{dt}-dsd-True", f"spmm-{arch}-{dt}-dds-True", f"sddmm-{arch}-{dt}-True"):
+            for key in (f"spmm-{arch}-{dt}-forward-True", f"spmm-{arch}-{dt}-grad_input-True", f"sddmm-{arch}-{dt}-True"):
                 assert "ld.global.v4" in compiled[key]["ptx"], key
 
 

@@ -3,9 +3,9 @@
 // dtype code, the CUDA stream), so the module does not include or link
 // libtorch and imports on machines without a GPU or CUDA driver.
 //
-// Python (set_kernels/backends/cuda) validates shapes, dtypes and devices
-// before calling in; the checks here only reject clearly bad arguments, and
-// they run before the CUDA device check so they can be tested without a GPU.
+// set_kernels.ops validates shapes, dtypes and devices before calling in; the
+// checks here (checks.h) only reject raw arguments a kernel cannot run with,
+// before the CUDA device check, so they can be tested without a GPU.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "masked_adam.h"
 
 namespace py = pybind11;
@@ -22,73 +23,37 @@ void bind_bsmm(py::module_& m);  // python/src/bsmm.cc
 
 namespace {
 
+using set_kernels::binding::ArgChecker;
+using set_kernels::binding::as_ptr;
 using PtrList = std::vector<std::int64_t>;
 
-[[noreturn]] void bad_arg(const std::string& fn, const std::string& msg) {
-  throw py::value_error("set_kernels._C." + fn + ": " + msg);
-}
-
-// Checks a list of data pointers: same length as `numels`, non-negative, and
-// non-null for non-empty tensors unless `nullable` (masks: 0 = no mask).
-void check_pointers(const char* fn, const char* name, const PtrList& ptrs,
-                    const std::vector<std::int64_t>& numels, bool nullable) {
-  if (ptrs.size() != numels.size()) {
-    bad_arg(fn, "len(" + std::string(name) + ")=" + std::to_string(ptrs.size()) +
-                    " does not match len(numels)=" + std::to_string(numels.size()));
-  }
-  for (std::size_t i = 0; i < ptrs.size(); ++i) {
-    const std::string where = std::string(name) + "[" + std::to_string(i) + "]";
-    if (ptrs[i] < 0) bad_arg(fn, where + " is a negative pointer (" + std::to_string(ptrs[i]) + ")");
-    if (ptrs[i] == 0 && !nullable && numels[i] > 0) {
-      bad_arg(fn, where + " is a null pointer for a tensor with numel=" +
-                      std::to_string(numels[i]));
-    }
-  }
-}
-
-void check_optional_pointer(const char* fn, const char* name, std::int64_t ptr) {
-  if (ptr < 0) bad_arg(fn, std::string(name) + " is a negative pointer (" + std::to_string(ptr) + ")");
-}
-
-void masked_adam(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
-                 const PtrList& exp_avg_sqs, const PtrList& masks,
-                 const std::vector<std::int64_t>& numels, int dtype, std::int64_t step, double lr,
-                 double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-                 std::int64_t grad_scale_ptr, std::int64_t found_inf_ptr, std::int64_t stream,
-                 int device) {
-  const char* fn = "masked_adam";
-  if (!set_kernels::dtype_is_valid(dtype)) {
-    bad_arg(fn, "unknown dtype code " + std::to_string(dtype) +
-                    " for argument 'dtype' (expected DTYPE_FLOAT32=0, DTYPE_FLOAT16=1 or "
-                    "DTYPE_BFLOAT16=2)");
-  }
-  for (std::size_t i = 0; i < numels.size(); ++i) {
-    if (numels[i] < 0) {
-      bad_arg(fn, "numels[" + std::to_string(i) + "]=" + std::to_string(numels[i]) +
-                      " is negative");
-    }
-  }
-  check_pointers(fn, "params", params, numels, false);
-  check_pointers(fn, "grads", grads, numels, false);
-  check_pointers(fn, "exp_avgs", exp_avgs, numels, false);
-  check_pointers(fn, "exp_avg_sqs", exp_avg_sqs, numels, false);
-  check_pointers(fn, "masks", masks, numels, true);
-  if (step < 1) bad_arg(fn, "step must be >= 1, got " + std::to_string(step));
-  check_optional_pointer(fn, "grad_scale_ptr", grad_scale_ptr);
-  check_optional_pointer(fn, "found_inf_ptr", found_inf_ptr);
-  if (stream < 0) bad_arg(fn, "stream is negative (" + std::to_string(stream) + ")");
-  if (device < -1) {
-    bad_arg(fn, "device=" + std::to_string(device) + " is invalid (expected >= 0, or -1 for current)");
-  }
+void masked_adam_(const PtrList& params, const PtrList& grads, const PtrList& exp_avgs,
+                  const PtrList& exp_avg_sqs, const PtrList& masks,
+                  const std::vector<std::int64_t>& numels, int dtype, std::int64_t step, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                  std::int64_t grad_scale_ptr, std::int64_t found_inf_ptr, std::int64_t stream,
+                  int device) {
+  const ArgChecker ck("masked_adam_");
+  ck.dtype(dtype);
+  for (std::size_t i = 0; i < numels.size(); ++i) ck.at_least("numels[" + std::to_string(i) + "]", numels[i], 0);
+  ck.pointers("params", params, numels, false);
+  ck.pointers("grads", grads, numels, false);
+  ck.pointers("exp_avgs", exp_avgs, numels, false);
+  ck.pointers("exp_avg_sqs", exp_avg_sqs, numels, false);
+  ck.pointers("masks", masks, numels, true);
+  ck.at_least("step", step, 1);
+  ck.pointer("grad_scale_ptr", grad_scale_ptr, false);
+  ck.pointer("found_inf_ptr", found_inf_ptr, false);
+  ck.stream_and_device(stream, device);
 
   std::vector<set_kernels::AdamTensor> tensors(numels.size());
   for (std::size_t i = 0; i < numels.size(); ++i) {
     set_kernels::AdamTensor& t = tensors[i];
-    t.param = reinterpret_cast<void*>(static_cast<std::uintptr_t>(params[i]));
-    t.grad = reinterpret_cast<const void*>(static_cast<std::uintptr_t>(grads[i]));
-    t.exp_avg = reinterpret_cast<float*>(static_cast<std::uintptr_t>(exp_avgs[i]));
-    t.exp_avg_sq = reinterpret_cast<float*>(static_cast<std::uintptr_t>(exp_avg_sqs[i]));
-    t.mask = reinterpret_cast<const std::uint8_t*>(static_cast<std::uintptr_t>(masks[i]));
+    t.param = as_ptr<void>(params[i]);
+    t.grad = as_ptr<const void>(grads[i]);
+    t.exp_avg = as_ptr<float>(exp_avgs[i]);
+    t.exp_avg_sq = as_ptr<float>(exp_avg_sqs[i]);
+    t.mask = as_ptr<const std::uint8_t>(masks[i]);
     t.numel = numels[i];
   }
   set_kernels::AdamHyperParams hp;
@@ -99,12 +64,12 @@ void masked_adam(const PtrList& params, const PtrList& grads, const PtrList& exp
   hp.eps = eps;
   hp.weight_decay = weight_decay;
   hp.decoupled = decoupled;
-  hp.grad_scale = reinterpret_cast<const float*>(static_cast<std::uintptr_t>(grad_scale_ptr));
-  hp.found_inf = reinterpret_cast<const float*>(static_cast<std::uintptr_t>(found_inf_ptr));
+  hp.grad_scale = as_ptr<const float>(grad_scale_ptr);
+  hp.found_inf = as_ptr<const float>(found_inf_ptr);
 
   // Launches are asynchronous; no Python objects are touched past this point.
   py::gil_scoped_release release;
-  set_kernels::masked_adam(tensors, dtype, hp, static_cast<std::uintptr_t>(stream), device);
+  set_kernels::masked_adam_(tensors, dtype, hp, static_cast<std::uintptr_t>(stream), device);
 }
 
 }  // namespace
@@ -131,7 +96,7 @@ PYBIND11_MODULE(_C, m) {
 
   bind_bsmm(m);
 
-  m.def("masked_adam", &masked_adam, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+  m.def("masked_adam_", &masked_adam_, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"), py::arg("masks"), py::arg("numels"), py::arg("dtype"),
         py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("decoupled"), py::arg("grad_scale_ptr") = 0,

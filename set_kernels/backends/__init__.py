@@ -180,3 +180,4 @@ def get(name: str):
     if mod is None:
         raise RuntimeError(availability(name)[1])
     return mod
+from ._precision import fp32_precision, set_fp32_precision  # noqa: E402,F401  (fp32 matmul precision of the GPU backends)

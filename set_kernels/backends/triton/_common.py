@@ -14,9 +14,14 @@ has two known gaps this backend works around:
   fp32 first (exact: fp16/bf16 values are fp32 values, and the accumulation is fp32 anyway);
 * autotuning over several configs does not work, so each kernel gets one config there.
 
-**TF32.** fp32 matmuls use exact fp32 products (``input_precision="ieee"``) unless TF32 is
-switched on, with ``SET_KERNELS_TRITON_TF32=1`` in the environment (read at every call) or
-:func:`set_allow_tf32` (which wins over the environment variable until reset with ``None``).
+**fp32 precision.** The ``PRECISION`` constexpr of the block kernels (``tl.dot``'s
+``input_precision``) comes from :func:`dot_precision`, read at every call: ``"ieee"`` (exact fp32
+products), ``"tf32"`` or ``"tf32x3"``, following torch's fp32 matmul precision unless
+``$SET_KERNELS_FP32_PRECISION`` or :func:`set_kernels.backends.set_fp32_precision` says otherwise
+(see :mod:`set_kernels.backends._precision`).
+
+**Checks.** The public ops validated dtypes, shapes, devices and the layout index; the wrappers
+here only check what the kernels themselves rely on (:func:`check_operands`).
 """
 from __future__ import annotations
 
@@ -27,38 +32,58 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _precision
+
 # Whether the kernels of this package are interpreted (decided once, before they are defined).
 INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else (
     os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"))
 
-TF32_ENV_VAR = "SET_KERNELS_TRITON_TF32"
-_tf32_override: bool | None = None
-
-
-def set_allow_tf32(allow: bool | None) -> None:
-    """Let fp32 block-sparse matmuls use TF32 tensor cores (True), forbid it (False), or go back
-    to ``$SET_KERNELS_TRITON_TF32`` (None). Default: exact fp32 products."""
-    global _tf32_override
-    if allow is not None and not isinstance(allow, bool):
-        raise TypeError(f"allow: expected a bool or None, got {type(allow).__name__}")
-    _tf32_override = allow
-
-
-def allow_tf32() -> bool:
-    """Whether fp32 matmuls may use TF32 (see :func:`set_allow_tf32`)."""
-    if _tf32_override is not None:
-        return _tf32_override
-    return os.environ.get(TF32_ENV_VAR, "0").strip().lower() in ("1", "true", "on", "yes")
-
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on operands of ``dtype`` (only fp32 reads it)."""
-    if dtype == torch.float32 and not allow_tf32():
-        return "ieee"
-    return "tf32"
+    return _precision.backend_precision("triton", dtype)
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# A conservative shared-memory budget for config pruning (every sm_80+ part has more).
+SMEM_BUDGET = 160 * 1024
+
+# Configs of the forward and input-gradient kernels (one BLOCK_M x b output tile a program):
+# (BLOCK_M, num_warps, num_stages), pruned per block size by :func:`prune_token_tiles`.
+TOKEN_TILE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, w, s in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4),
+                      (256, 8, 3)]
+]
+TOKEN_TILE_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
+
+
+def prune_token_tiles(operand: str):
+    """Config pruning of a token-tile kernel whose dense operand argument is ``operand``: drop
+    tiles whose fp32 accumulator exceeds 128 registers a thread at 4 warps, or whose pipelined
+    tiles exceed :data:`SMEM_BUDGET`; keep the smallest when none fits (the autotuner needs one)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # the autotuner passes positional args and keyword args apart
+        b = args["B"]
+        item = args[operand].element_size()
+        kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * b <= 128 * 128
+                and smem_bytes(cfg.kwargs["BLOCK_M"] * b + b * b, item, cfg.num_stages) <= SMEM_BUDGET]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
+    return prune
+
+
+@triton.jit
+def grouped_tile(pid, M, n_blocks, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(token tile, output block)`` of program ``pid`` of a 1-D grid swizzled in groups of
+    ``GROUP_M`` token tiles: consecutive programs walk ``GROUP_M`` token tiles for one output
+    block, then the next block, so resident programs share a few operand tiles in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    width = GROUP_M * n_blocks
+    first_m = (pid // width) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
 
 
 def autotune(configs, interpreter_config, key, prune=None):
@@ -66,7 +91,7 @@ def autotune(configs, interpreter_config, key, prune=None):
     if INTERPRET:
         return triton.autotune(configs=[interpreter_config], key=key)
     kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
-    return triton.autotune(configs=configs, key=key, **kwargs)
+    return triton.autotune(configs=list(configs), key=key, **kwargs)
 
 
 def smem_bytes(tiles_elems: int, itemsize: int, stages: int) -> int:
@@ -74,9 +99,6 @@ def smem_bytes(tiles_elems: int, itemsize: int, stages: int) -> int:
     flight) whose operand tiles hold ``tiles_elems`` elements: the estimate config pruning uses."""
     return tiles_elems * itemsize * max(1, stages - 1)
 
-
-# A conservative shared-memory budget for config pruning (every sm_80+ part has more).
-SMEM_BUDGET = 160 * 1024
 
 _sm_count: dict[int, int] = {}
 
@@ -112,19 +134,18 @@ def on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def check_index(t: torch.Tensor, name: str) -> None:
-    """The kernels index raw memory: catch what would otherwise read out of bounds."""
-    if t.dtype != torch.int32 or not t.is_contiguous():
-        raise TypeError(f"{name}: expected a contiguous int32 tensor, got {t.dtype}")
-
-
-def check_operand(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
-    if t.dtype not in TL_DTYPES:
-        raise TypeError(f"{name}: the triton backend supports float32, float16 and bfloat16, got {t.dtype}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor")
+def check_operands(**tensors) -> None:
+    """What every kernel of this package relies on: tensors on the device type it runs (CUDA, or
+    CPU when interpreted; the first one is checked) and contiguous (raw row-major indexing)."""
+    first = True
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first:
+            check_device(t, name)
+            first = False
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: the triton kernels need a contiguous tensor")
 
 
 @triton.jit
@@ -140,13 +161,3 @@ def cast_out(x, DT: tl.constexpr, INTERPRETED: tl.constexpr):
         u = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
         x = u.to(tl.float32, bitcast=True)
     return x.to(DT)
-
-
-def check_sdd_operands(dy, x, block_row, col_idx) -> None:
-    """The weight-gradient kernels' operands: ``dy`` and ``x`` on the GPU (or interpreted), one
-    dtype, contiguous; ``block_row`` and ``col_idx`` int32 indices."""
-    check_device(dy, "dy")
-    check_operand(dy, "dy", dy.dtype)
-    check_operand(x, "x", dy.dtype)
-    check_index(block_row, "block_row")
-    check_index(col_idx, "col_idx")

@@ -10,9 +10,9 @@ Edges: the input features of an edge block beyond ``cols`` are loaded as 0 from 
 block (so whatever the block holds there is ignored); output features beyond ``rows`` and tokens
 beyond ``M`` are never stored.
 
-Grid order: a 1-D grid swizzled in groups of ``GROUP_M`` token tiles: consecutive programs walk
-``GROUP_M`` token tiles for one output block row, then the next block row, so a wave of
-resident programs re-reads the same few x tiles and the same block rows of W from L2.
+Grid order: a 1-D grid swizzled in groups of ``GROUP_M`` token tiles (:func:`._common.grouped_tile`):
+consecutive programs walk ``GROUP_M`` token tiles for one output block row, then the next block
+row, so a wave of resident programs re-reads the same few x tiles and block rows of W from L2.
 """
 from __future__ import annotations
 
@@ -22,43 +22,17 @@ import triton.language as tl
 
 from . import _common
 
-# (BLOCK_M, num_warps, num_stages); pruned per block size by shared memory below.
-CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4),
-                      (256, 8, 3)]
-]
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
+CONFIGS = _common.TOKEN_TILE_CONFIGS
+_prune = _common.prune_token_tiles("x_ptr")
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}  # the autotuner passes positional args and keyword args apart
-    b = args["B"]
-    item = args["x_ptr"].element_size()
-    kept = []
-    for cfg in configs:
-        bm = cfg.kwargs["BLOCK_M"]
-        if bm * b > 128 * 128:  # fp32 accumulator beyond 128 registers per thread at 4 warps
-            continue
-        if _common.smem_bytes(bm * b + b * b, item, cfg.num_stages) > _common.SMEM_BUDGET:
-            continue
-        kept.append(cfg)
-    # none fits: the smallest (the autotuner needs one)
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
-
-
-@_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "HAS_BIAS"], prune=_prune)
+@_common.autotune(CONFIGS, _common.TOKEN_TILE_INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "HAS_BIAS"],
+                  prune=_prune)
 @triton.jit
-def _dsd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, n_out_blocks, M_BUCKET,
-                B: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    width = GROUP_M * n_out_blocks
-    first_m = (pid // width) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    r = (pid % width) // group_m
+def _forward_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr, M, rows, cols, n_out_blocks, M_BUCKET,
+                    B: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, r = _common.grouped_tile(tl.program_id(0), M, n_out_blocks, BLOCK_M, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, B)
@@ -98,25 +72,20 @@ def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, bloc
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias``.
 
     ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous; ``values`` ``(nnz, b, b)`` same dtype, CSR
-    order; ``row_ptr`` ``(R + 1,)`` and ``col_idx`` ``(nnz,)`` int32; ``bias`` ``(rows,)`` or None.
-    Returns ``y`` ``(M, rows)`` of x's dtype, accumulated in fp32.
+    order; ``row_ptr`` ``(R + 1,)`` and ``col_idx`` ``(nnz,)`` int32; ``bias`` ``(rows,)`` or None
+    (checked by the public op). Returns ``y`` ``(M, rows)`` of x's dtype, accumulated in fp32;
+    fp32 products in the precision of :func:`._common.dot_precision`.
     """
     b = int(block_size)
     rows, cols = int(rows), int(cols)
-    _common.check_device(x, "x")
-    _common.check_operand(x, "x", x.dtype)
-    _common.check_operand(values, "values", x.dtype)
-    if bias is not None:
-        _common.check_operand(bias, "bias", x.dtype)
-    _common.check_index(row_ptr, "row_ptr")
-    _common.check_index(col_idx, "col_idx")
+    _common.check_operands(x=x, values=values, bias=bias)
     M = x.shape[0]
     y = torch.empty(M, rows, dtype=x.dtype, device=x.device)
     if M == 0 or rows == 0:
         return y
     n_out = row_ptr.numel() - 1
     with _common.on_device(x.device):
-        _dsd_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_out,)](
+        _forward_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_out,)](
             x, values, row_ptr, col_idx, bias if bias is not None else y, y, M, rows, cols, n_out, _common.bucket(M),
             B=b, HAS_BIAS=bias is not None, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(x.dtype),
         )

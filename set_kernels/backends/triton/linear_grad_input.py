@@ -19,42 +19,17 @@ import triton.language as tl
 
 from . import _common
 
-CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4),
-                      (256, 8, 3)]
-]
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
+CONFIGS = _common.TOKEN_TILE_CONFIGS
+_prune = _common.prune_token_tiles("dy_ptr")
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}  # the autotuner passes positional args and keyword args apart
-    b = args["B"]
-    item = args["dy_ptr"].element_size()
-    kept = []
-    for cfg in configs:
-        bm = cfg.kwargs["BLOCK_M"]
-        if bm * b > 128 * 128:
-            continue
-        if _common.smem_bytes(bm * b + b * b, item, cfg.num_stages) > _common.SMEM_BUDGET:
-            continue
-        kept.append(cfg)
-    # none fits: the smallest (the autotuner needs one)
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
-
-
-@_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols"], prune=_prune)
+@_common.autotune(CONFIGS, _common.TOKEN_TILE_INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols"],
+                  prune=_prune)
 @triton.jit
-def _dds_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_in_blocks, M_BUCKET,
-                B: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    width = GROUP_M * n_in_blocks
-    first_m = (pid // width) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    c = (pid % width) // group_m
+def _grad_input_kernel(dy_ptr, v_ptr, col_ptr, row_idx, perm, dx_ptr, M, rows, cols, n_in_blocks, M_BUCKET,
+                       B: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, c = _common.grouped_tile(tl.program_id(0), M, n_in_blocks, BLOCK_M, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, B)
@@ -98,18 +73,14 @@ def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, 
     """
     b = int(block_size)
     rows, cols = int(rows), int(cols)
-    _common.check_device(dy, "dy")
-    _common.check_operand(dy, "dy", dy.dtype)
-    _common.check_operand(values, "values", dy.dtype)
-    for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm")):
-        _common.check_index(t, name)
+    _common.check_operands(dy=dy, values=values)
     M = dy.shape[0]
     dx = torch.empty(M, cols, dtype=dy.dtype, device=dy.device)
     if M == 0 or cols == 0:
         return dx
     n_in = col_ptr.numel() - 1
     with _common.on_device(dy.device):
-        _dds_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_in,)](
+        _grad_input_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_in,)](
             dy, values, col_ptr, row_idx, perm, dx, M, rows, cols, n_in, _common.bucket(M),
             B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype),
         )

@@ -52,9 +52,9 @@ def _prune(configs, named_args, **kwargs):
 @_common.autotune(CONFIGS, INTERPRETER_CONFIG, key=["B", "M_BUCKET", "rows", "cols", "TOKENS_PER_SPLIT"],
                   prune=_prune)
 @triton.jit
-def _sdd_kernel(dy_ptr, x_ptr, block_row, col_idx, out_ptr, M, rows, cols, nnz, TOKENS_PER_SPLIT, M_BUCKET,
-                B: tl.constexpr, PARTIAL: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _grad_weight_kernel(dy_ptr, x_ptr, block_row, col_idx, out_ptr, M, rows, cols, nnz, TOKENS_PER_SPLIT, M_BUCKET,
+                        B: tl.constexpr, PARTIAL: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     k = tl.program_id(0)
     s = tl.program_id(1)
     r = tl.load(block_row + k)
@@ -110,12 +110,13 @@ def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_si
 
     ``dy`` ``(M, rows)`` and ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous, one dtype;
     ``block_row`` and ``col_idx`` ``(nnz,)`` int32 (CSR order). Returns ``dv`` of dy's dtype,
-    accumulated in fp32, zero beyond the matrix edges. ``splits``: force the number of token
-    splits (None: :func:`choose_splits`); the split path is deterministic too.
+    accumulated in fp32, zero beyond the matrix edges; fp32 products in the precision of
+    :func:`._common.dot_precision`. ``splits``: force the number of token splits (None:
+    :func:`choose_splits`); the split path is deterministic too.
     """
     b = int(block_size)
     rows, cols = int(rows), int(cols)
-    _common.check_sdd_operands(dy, x, block_row, col_idx)
+    _common.check_operands(dy=dy, x=x)
     nnz = block_row.numel()
     M = dy.shape[0]
     dv = torch.empty(nnz, b, b, dtype=dy.dtype, device=dy.device)
@@ -132,11 +133,11 @@ def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_si
     common = dict(B=b, INTERPRETED=_common.INTERPRET, PRECISION=_common.dot_precision(dy.dtype))
     with _common.on_device(dy.device):
         if splits == 1:
-            _sdd_kernel[(nnz, 1)](dy, x, block_row, col_idx, dv, M, rows, cols, nnz, per_split, _common.bucket(M),
+            _grad_weight_kernel[(nnz, 1)](dy, x, block_row, col_idx, dv, M, rows, cols, nnz, per_split, _common.bucket(M),
                                   PARTIAL=False, **common)
             return dv
         ws = torch.empty(splits, nnz, b, b, dtype=torch.float32, device=dy.device)
-        _sdd_kernel[(nnz, splits)](dy, x, block_row, col_idx, ws, M, rows, cols, nnz, per_split, _common.bucket(M),
+        _grad_weight_kernel[(nnz, splits)](dy, x, block_row, col_idx, ws, M, rows, cols, nnz, per_split, _common.bucket(M),
                                    PARTIAL=True, **common)
         _sum_splits_kernel[(nnz,)](ws, dv, nnz, splits, B=b, INTERPRETED=_common.INTERPRET, num_warps=4)
     return dv

@@ -18,7 +18,7 @@ speeds up move ``nnz * M * itemsize`` bytes, so it pays whenever a feature is us
 a small fraction of a connection on average (always, in practice). At ``M == 1`` the transpose
 is free (a ``(1, n)`` matrix is its own transpose in memory).
 
-**SpMM** (:func:`spmm_dsd`, :func:`spmm_dds`, one kernel ``_spmm_kernel``). Output ``out (M, n_out)``
+**SpMM** (:func:`spmm_forward`, :func:`spmm_grad_input`, one kernel ``_spmm_kernel``). Output ``out (M, n_out)``
 with ``out[t, o] = sum_{e in row o} values[e] * inT[idx[e], t]`` (+ bias). A program owns
 ``BLOCK_R`` consecutive output features and ``BLOCK_M`` tokens. It walks the entries of its
 features in chunks of ``KC = 16`` (an ``(BLOCK_R, KC)`` tile of indices and values, entries past
@@ -31,7 +31,7 @@ CSR index (``row_ptr``, ``col_idx``, values in order); dX walks the CSC index (`
 feature with no entries gets the bias, or 0. Grid: 1-D, feature groups fastest, so the programs
 resident at one time share one token tile of ``inT`` (in L2) and fill whole sectors of the output.
 
-**SDDMM** (:func:`spmm_sdd`, ``_sddmm_kernel``). ``dv[e] = sum_t dyT[row[e], t] * xT[col[e], t]``.
+**SDDMM** (:func:`spmm_grad_weight`, ``_sddmm_kernel``). ``dv[e] = sum_t dyT[row[e], t] * xT[col[e], t]``.
 A program owns ``BLOCK_E`` consecutive entries (CSR order, so they share few rows of ``dyT``) and
 loops over the tokens in chunks of ``TOK = 64``, accumulating ``(BLOCK_E, TOK)`` products
 elementwise in fp32; then a fixed pairwise tree sums the ``TOK`` lanes. One writer per entry, no
@@ -181,13 +181,7 @@ def _spmm(inp, values, ptr, idx, perm, bias, n_out: int, n_in: int) -> torch.Ten
     return out
 
 
-def _check_values(values, dtype, nnz: int) -> None:
-    _common.check_operand(values, "values", dtype)
-    if tuple(values.shape) != (nnz, 1, 1):
-        raise ValueError(f"values: expected shape ({nnz}, 1, 1) for block_size 1, got {tuple(values.shape)}")
-
-
-def spmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int) -> torch.Tensor:
+def spmm_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int) -> torch.Tensor:
     """Forward at b = 1: ``y (M, rows) = x (M, cols) @ W.T + bias``, W in CSR.
 
     ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous; ``values`` ``(nnz, 1, 1)`` same dtype, CSR
@@ -195,39 +189,29 @@ def spmm_dsd(x, values, row_ptr, col_idx, bias, rows: int, cols: int) -> torch.T
     None. Returns ``y`` of x's dtype, accumulated in fp32, deterministic.
     """
     rows, cols = int(rows), int(cols)
-    _common.check_device(x, "x")
-    _common.check_operand(x, "x", x.dtype)
-    if bias is not None:
-        _common.check_operand(bias, "bias", x.dtype)
-    _common.check_index(row_ptr, "row_ptr")
-    _common.check_index(col_idx, "col_idx")
-    _check_values(values, x.dtype, col_idx.numel())
+    _common.check_operands(x=x, values=values, bias=bias)
     return _spmm(x, values, row_ptr, col_idx, None, bias, rows, cols)
 
 
-def spmm_dds(dy, values, col_ptr, row_idx, perm, rows: int, cols: int) -> torch.Tensor:
+def spmm_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int) -> torch.Tensor:
     """Input gradient at b = 1: ``dx (M, cols) = dy (M, rows) @ W`` through the CSC index.
 
     ``col_ptr`` ``(cols + 1,)``, ``row_idx`` and ``perm`` ``(nnz,)`` int32; ``values`` in CSR
     order (the q-th CSC entry is ``values[perm[q]]``). One writer per element, no atomics.
     """
     rows, cols = int(rows), int(cols)
-    _common.check_device(dy, "dy")
-    _common.check_operand(dy, "dy", dy.dtype)
-    for t, name in ((col_ptr, "col_ptr"), (row_idx, "row_idx"), (perm, "perm")):
-        _common.check_index(t, name)
-    _check_values(values, dy.dtype, row_idx.numel())
+    _common.check_operands(dy=dy, values=values)
     return _spmm(dy, values, col_ptr, row_idx, perm, None, cols, rows)
 
 
-def spmm_sdd(dy, x, block_row, col_idx, rows: int, cols: int) -> torch.Tensor:
+def spmm_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int) -> torch.Tensor:
     """Weight gradient at b = 1 (SDDMM): ``dv (nnz, 1, 1)``, ``dv[e] = sum_t dy[t, row[e]] * x[t, col[e]]``.
 
     ``dy`` ``(M, rows)`` and ``x`` ``(M, cols)`` fp32/fp16/bf16 contiguous, one dtype; ``block_row``
     and ``col_idx`` ``(nnz,)`` int32 in CSR order. fp32 accumulation, deterministic.
     """
     rows, cols = int(rows), int(cols)
-    _common.check_sdd_operands(dy, x, block_row, col_idx)
+    _common.check_operands(dy=dy, x=x)
     nnz = block_row.numel()
     M = dy.shape[0]
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype, device=dy.device)
