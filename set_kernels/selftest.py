@@ -166,10 +166,8 @@ def _fp32_matmul_bound(name: str) -> tuple[float, str]:
     """The fp32 bound for backend ``name`` and a note when it runs fp32 matmuls in TF32."""
     mod = backends.load(name)
     tf32 = False
-    if name == "triton" and mod is not None and getattr(mod, "_common", None) is not None:
-        tf32 = bool(mod.allow_tf32())
-    elif name == "cuda" and mod is not None:
-        tf32 = getattr(mod, "FP32_MATMUL", "3xtf32") == "tf32"
+    if name in ("triton", "cuda") and mod is not None:
+        tf32 = bool(mod.allow_tf32())  # one TF32 pass now (torch's setting or the library's override)
     return (TF32_BOUND, "TF32 switched on") if tf32 else (MATMUL_BOUND[torch.float32], "")
 
 

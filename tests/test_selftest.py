@@ -243,7 +243,7 @@ def test_triton_first_config_pins_every_autotuner_and_undoes_it():
 
     import importlib
 
-    tuner = importlib.import_module("set_kernels.backends.triton.linear_forward")._dsd_kernel
+    tuner = importlib.import_module("set_kernels.backends.triton.linear_forward")._forward_kernel
     assert isinstance(tuner, Autotuner)
     before = dict(tuner.cache)
     multi = [tuner.configs[0], tuner.configs[0]]
