@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from set_kernels.bench import cases, default_grid
+from set_kernels.bench import default_grid
+from set_kernels.bench.run import plan
 
 DEVICE = torch.device(os.environ.get("SET_KERNELS_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 ROUNDS = int(os.environ.get("SET_KERNELS_BENCH_ROUNDS", "10"))
@@ -32,10 +33,6 @@ def bench_mode(config) -> str:
     return mode
 
 
-def grid_for(mode: str):
-    return default_grid(DEVICE.type, mode)
-
-
 def cached(key, build):
     """``build()``'s result for ``key``, keeping only the latest case alive (memory)."""
     if key not in _cache:
@@ -44,8 +41,23 @@ def cached(key, build):
     return _cache[key]
 
 
-def run_benchmark(benchmark, group: cases.Group, impl: str, label: str):
-    """Time ``group.fns[impl]`` with pytest-benchmark (pytest.skip with the reason when it could not run)."""
+def case_params(config, op: str) -> list:
+    """``pytest.param(case, pass_, impl)`` for every implementation of every case ``set-kernels bench``
+    runs for ``op`` on this grid (:func:`set_kernels.bench.run.plan`); ids like
+    ``512x4096-float32-b32-d0.05-forward-numba`` (the pass only where a case has two)."""
+    out = []
+    for case in plan(default_grid(DEVICE.type, bench_mode(config)), (op,), DEVICE, REQUESTED):
+        name = case.label.split(" ", 1)[1].replace(" ", "-").replace("=", "")
+        for pass_, impls in case.impls.items():
+            out += [pytest.param(case, pass_, impl, id="-".join([name] + [pass_] * (len(case.impls) > 1) + [impl]))
+                    for impl in impls]
+    return out
+
+
+def run_case(benchmark, case, pass_: str, impl: str):
+    """Time ``impl`` of ``case``'s ``pass_`` group (built once for all its implementations) with
+    pytest-benchmark (pytest.skip with the reason when it could not run)."""
+    group = cached(case.label, lambda: {g.pass_: g for g in case.groups()})[pass_]
     if impl not in group.fns:
         reasons = [r for i, r in group.skipped if i == impl]
         pytest.skip(f"{impl}: {reasons[0] if reasons else 'not available here'}")
@@ -56,7 +68,7 @@ def run_benchmark(benchmark, group: cases.Group, impl: str, label: str):
         def fn():
             inner()
             torch.cuda.synchronize()
-    benchmark.group = label
+    benchmark.group = f"{case.op} {pass_} {case.label.split(' ', 1)[1]}"
     benchmark.extra_info.update(op=group.op, pass_=group.pass_, impl=impl, kind=group.kinds[impl], dtype=group.dtype,
                                 block=group.block, density=group.density, shape=group.shape,
                                 flops=group.flops.get(impl), bytes=group.nbytes.get(impl))

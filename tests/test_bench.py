@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from set_kernels import bench, cli
-from set_kernels.bench import cases, report, timing
+from set_kernels.bench import cases, report, schema, timing
 from set_kernels.bench.run import records_of, traffic
 
 
@@ -36,7 +36,7 @@ def test_bench_quick_writes_json_markdown_png(linear_run):
 
 
 def test_bench_json_validates_and_covers_the_grid(linear_run):
-    _, out, _ = linear_run
+    _, out, stdout = linear_run
     doc = json.loads((out / "tiny.json").read_text())
     assert report.validate(doc) == []
     meta = doc["meta"]
@@ -56,6 +56,9 @@ def test_bench_json_validates_and_covers_the_grid(linear_run):
         per_call = 2 * 16 * 256 * 256 * (r["density"] if r["kind"] != "dense" else 1)
         assert math.isclose(r["flops"], per_call * (3 if r["pass"] == "forward_backward" else 1), rel_tol=1e-9)
         assert math.isclose(r["tflops"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12, rel_tol=1e-9)
+    element = [r for r in recs if r["block"] == 1]  # element sparsity: block size 1
+    assert {r["impl"] for r in element} >= {"numba", "dense"}
+    assert "| forward | 16 × 256 → 256 | float32 | 1 | 0.1 | numba |" in stdout
     # nothing failed: only the documented, expected omissions are listed
     assert all(s["impl"] in ("triton", "cuda", "torch", "torch_bsr") for s in doc["skipped"])
 
@@ -74,6 +77,9 @@ def test_validate_catches_broken_documents(linear_run):
         lambda d: d["records"][0].update(median_ms=-1.0),
         lambda d: next(r for r in d["records"] if r["kind"] == "sparse").update(E=123.0),
         lambda d: d.update(records={}),
+        lambda d: d["meta"].update(gpu=0),
+        lambda d: d["records"][0].update(zeta="x"),  # optional, but typed when present
+        lambda d: d["skipped"].append({"op": "x", "pass": "-", "impl": "-", "case": "x"}),
     ]
     for i, br in enumerate(breakers):
         doc = json.loads(json.dumps(good))
@@ -125,28 +131,6 @@ def test_adam_traffic():
     assert traffic(group) is None
 
 
-def test_adam_rows_never_exceed_the_copy_ceiling(monkeypatch):
-    sizes = []
-    real = timing.copy_ceiling
-
-    def spy(device, footprint, written=None):
-        sizes.append((footprint, written))
-        return real(device, footprint, written)
-
-    monkeypatch.setattr(timing, "copy_ceiling", spy)
-    g = bench.default_grid("cpu", "tiny")
-    doc = bench.run("cpu", g, ("masked_adam_",), mode="tiny", progress=False)
-    assert report.validate(doc) == []
-    (rows, cols, _), = g.adam
-    # The start-of-run ceiling, then one reference per Adam group, moving the op's bytes.
-    assert sizes == [(g.copy_bytes, None)] + [(rows * cols * 17, rows * cols * 12)] * len(g.adam_densities)
-    assert doc["ceilings"]["copy"]["footprint_bytes"] == g.copy_bytes
-    recs = [r for r in doc["records"] if r["op"] == "masked_adam_"]
-    # The op is never credited with more bytes than its reference moves (equal at density 1).
-    assert all(r["bytes"] <= rows * cols * 29 for r in recs)
-    assert recs and all(0 < r["copy_share"] <= 1 for r in recs), [(r["impl"], r["copy_share"]) for r in recs]
-
-
 def test_summarize_matches_torch_quantiles():
     ts = torch.rand(11, generator=torch.Generator().manual_seed(3)).tolist()
     s = timing.summarize(ts)
@@ -181,14 +165,27 @@ def test_slug():
     assert bench.slug("AMD EPYC") == "amd-epyc"
 
 
-def test_bench_adam_and_set_mlp_step(tmp_path):
+def test_bench_adam_and_set_mlp_step(tmp_path, monkeypatch):
+    sizes = []
+    real = timing.copy_ceiling
+
+    def spy(device, footprint, written=None):
+        sizes.append((footprint, written))
+        return real(device, footprint, written)
+
+    monkeypatch.setattr(timing, "copy_ceiling", spy)
     g = bench.default_grid("cpu", "tiny")
     doc = bench.run("cpu", g, ("masked_adam_", "set_mlp_step"), mode="tiny", progress=False)
     assert report.validate(doc) == []
+    (rows, cols, _), = g.adam
+    # The start-of-run ceiling, then one reference per Adam group, moving the op's bytes.
+    assert sizes == [(g.copy_bytes, None)] + [(rows * cols * 17, rows * cols * 12)] * len(g.adam_densities)
+    assert doc["ceilings"]["copy"]["footprint_bytes"] == g.copy_bytes
     adam = [r for r in doc["records"] if r["op"] == "masked_adam_"]
     assert {r["impl"] for r in adam} == {"numba", "dense"}
-    for r in adam:
-        assert r["bytes"] > 0 and r["copy_gbps"] > 0 and math.isclose(r["copy_share"], r["gbps"] / r["copy_gbps"])
+    for r in adam:  # never credited with more bytes than its reference moves (equal at density 1)
+        assert r["bytes"] <= rows * cols * 29 and 0 < r["copy_share"] <= 1, (r["impl"], r["copy_share"])
+        assert r["copy_gbps"] > 0 and math.isclose(r["copy_share"], r["gbps"] / r["copy_gbps"])
     mlp = [r for r in doc["records"] if r["op"] == "set_mlp_step"]
     assert {(r["impl"], round(r["density"], 1)) for r in mlp} >= {("numba", 0.0), ("numba", 0.1), ("dense", 0.0)}
     assert {r["block"] for r in mlp if r["kind"] == "sparse"} == {g.mlp_block, 1}  # blocks and element sparsity
@@ -199,14 +196,6 @@ def test_bench_adam_and_set_mlp_step(tmp_path):
     assert not [s for s in doc["skipped"] if s["impl"] == "-"]
     paths = bench.write_all(doc, str(tmp_path), "x")
     assert "set_mlp_step" in open(paths["md"]).read()
-
-
-def test_tiny_grid_has_element_linear_rows(linear_run):
-    _, out, stdout = linear_run
-    doc = json.loads((out / "tiny.json").read_text())
-    element = [r for r in doc["records"] if r["op"] == "block_sparse_linear" and r["block"] == 1]
-    assert {r["impl"] for r in element} >= {"numba", "dense"}
-    assert "| forward | 16 × 256 → 256 | float32 | 1 | 0.1 | numba |" in stdout
 
 
 def test_mlp_scale_case_skips_the_dense_mlp_and_builds_element_layers(monkeypatch):
@@ -225,3 +214,76 @@ def test_mlp_scale_case_skips_the_dense_mlp_and_builds_element_layers(monkeypatc
     monkeypatch.setattr(mlp, "DENSE_LIMIT", 10**9)
     group = mlp.mlp_group(g, 0.05, torch.device("cpu"), ["numba"], layers=(64, 300, 300, 10), block=1)
     assert "dense" in group.fns
+
+
+def _rec(op, pass_, impl, kind, shape, ms, dense_ms, density=0.25, block=32, **kw):
+    """The fields of a record that the markdown reads."""
+    return {"op": op, "pass": pass_, "impl": impl, "kind": kind, "shape": shape, "dtype": "float32", "block": block,
+            "density": density, "median_ms": ms, "tflops": None, "gbps": None, "copy_gbps": None, "copy_share": None,
+            "dense_ms": dense_ms, "speedup": dense_ms / ms, "E": density * dense_ms / ms if kind != "dense" else None,
+            **kw}
+
+
+def _fixed_doc():
+    lin, adam, mlp = ({"tokens": 16, "in_features": 256, "out_features": 256}, {"rows": 256, "cols": 512},
+                      {"batch": 8, "layers": [64, 128, 10]})
+    meta = {"device_type": "cpu", "device_name": "Test CPU", "threads": 2, "git": {"commit": "0123456789abcdef",
+            "dirty": True}, "command": "set-kernels bench", "mode": "tiny", "timing": "wall clock", "wall_s": 12.4,
+            "started_at": "2024-01-01T00:00:00+00:00", "versions": dict.fromkeys(("python", "torch", "triton",
+                                                                                  "numba", "numpy"), "1")}
+    return {"meta": meta, "ceilings": {"copy": {"bytes": 3 << 20, "footprint_bytes": 2 << 20, "gbps": 10.5}},
+            "records": [
+                _rec("block_sparse_linear", "forward", "numba", "sparse", lin, 2.0, 4.0, tflops=1e-3),
+                _rec("block_sparse_linear", "forward", "dense", "dense", lin, 4.0, 4.0, tflops=2e-3),
+                _rec("block_sparse_linear", "forward", "torch_bsr", "baseline", lin, 5.0, 4.0, tflops=4e-4),
+                _rec("block_sparse_linear", "forward_backward", "numba", "sparse", lin, 6.5, 12.0, tflops=9.2e-4),
+                _rec("block_sparse_linear", "forward_backward", "dense", "dense", lin, 12.0, 12.0),
+                _rec("masked_adam_", "step", "numba", "sparse", adam, 0.5, 1.5, gbps=0.4, copy_gbps=0.8,
+                     copy_share=0.5),
+                _rec("masked_adam_", "step", "dense", "dense", adam, 1.5, 1.5, gbps=0.1333),
+                _rec("set_mlp_step", "train_step", "numba", "sparse", mlp, 3.05, 6.1, density=0.1, block=16,
+                     step_ms=3.0, evolution_ms=0.5, interval=10)],
+            "skipped": [{"op": "block_sparse_linear", "pass": p, "impl": "torch", "reason": "reference"}
+                        for p in ("forward", "forward_backward")]}
+
+
+EXPECTED_TABLES = """\
+## block_sparse_linear: y = x @ W.T (forward) and its dX, dW
+
+| pass | tokens × in → out | dtype | block | density | backend | ms | dense ms | speedup | E | TFLOP/s | torch BSR ms | vs BSR |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| forward | 16 × 256 → 256 | float32 | 32 | 0.25 | numba | 2 | 4 | 2.00x | 0.50 | 0.001 | 5 | 2.50x |
+| forward+backward | 16 × 256 → 256 | float32 | 32 | 0.25 | numba | 6.5 | 12 | 1.85x | 0.46 | 0.00092 | - | - |
+
+## masked_adam_: one step against torch.optim.Adam(fused=True) + mask multiplies (GB/s on the minimum bytes: mask + live p, grad, moments)
+
+| rows × cols | dtype | mask block | density | backend | ms | dense ms | speedup | E | GB/s | copy GB/s | % of copy | dense GB/s |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| 256 × 512 | float32 | 32 | 0.25 | numba | 0.5 | 1.5 | 3.00x | 0.75 | 0.4 | 0.8 | 50% | 0.133 |
+
+## set_mlp_step: one SET-MLP training step (forward, backward, MaskedAdam, SET update / interval) against the dense MLP with torch.optim.Adam(fused=True)
+
+| layers | batch | dtype | block | density | backend | step ms | SET update ms | amortised ms | dense ms | speedup | E |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| 64-128-10 | 8 | float32 | 16 | 0.1 | numba | 3 | 0.5 (every 10) | 3.05 | 6.1 | 2.00x | 0.20 |
+
+Not timed:
+- block_sparse_linear forward / torch: reference
+"""
+
+
+def test_markdown_tables_of_a_fixed_document():
+    """The three op tables (one builder) as they were written before it: rows of sparse records only,
+    their group's dense and BSR figures beside them, "-" where a figure is missing."""
+    md = report.format_markdown(_fixed_doc(), image="x.png")
+    assert md[md.index("\n## ") + 1:] == EXPECTED_TABLES
+    assert "commit `0123456789 (with uncommitted changes)`" in md and "![speedup against density](x.png)" in md
+
+
+def test_schema_markdown_lists_every_field_and_the_readme_points_to_it():
+    from pathlib import Path
+
+    md = schema.markdown()
+    assert all(f"| `{name}` | {typ} |" in md for fields in schema.SECTIONS.values() for name, typ, _ in fields)
+    readme = Path(__file__).resolve().parent.parent / "benchmarks" / "README.md"
+    assert "print(schema.markdown())" in readme.read_text() and "bench/schema.py" in readme.read_text()

@@ -6,7 +6,7 @@
 For every case of the grid (:mod:`.grid`) the implementations are timed together (:mod:`.timing`):
 each available set_kernels backend, dense torch on the same shapes, and torch's own BSR matmul
 for the forward. Results go to ``--out`` (default ``benchmarks/results/<device-slug>/``) as
-``<mode>.json`` (every measurement, schema in :mod:`.report`), ``<mode>.md`` and ``<mode>.png``.
+``<mode>.json`` (every measurement, schema in :mod:`.schema`), ``<mode>.md`` and ``<mode>.png``.
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def select_backends(requested, passes, device: torch.device, dtype: torch.dtype,
             continue
         reasons = []
         for k in kernels:
-            size = block if k.startswith("bsmm") else None
+            size = block if k.startswith("linear") else None
             reasons += [r for r in _backends.unsupported_reasons(name, k, device, dtype, size) if r not in reasons]
         if reasons:
             skipped.append((name, "; ".join(reasons)))

@@ -26,29 +26,28 @@ ZETA = 0.3
 DENSE_LIMIT = 50_000_000
 
 
+def _relu_between(layers) -> torch.nn.Sequential:
+    return torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.ReLU())][:-1])
+
+
 def _sparse_mlp(layers, density, block, device, dtype, gen) -> torch.nn.Sequential:
     """The SET-MLP with SparseLinear layers at ER densities of total ``density``, built directly."""
     shapes = [(n_out, n_in) for n_in, n_out in zip(layers[:-1], layers[1:])]
-    mods = []
-    for i, ((n_out, n_in), d) in enumerate(zip(shapes, layer_densities(shapes, density, "er"))):
-        mods.append(SparseLinear(n_in, n_out, density=d, block_size=block, generator=gen, device=device, dtype=dtype))
-        if i < len(shapes) - 1:
-            mods.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*mods)
+    densities = layer_densities(shapes, density, "er")
+    return _relu_between([SparseLinear(n_in, n_out, density=d, block_size=block, generator=gen, device=device,
+                                       dtype=dtype) for (n_out, n_in), d in zip(shapes, densities)])
 
 
 def _dense_mlp(layers, device, dtype, gen) -> torch.nn.Sequential:
     mods = []
-    for i, (n_in, n_out) in enumerate(zip(layers[:-1], layers[1:])):
+    for n_in, n_out in zip(layers[:-1], layers[1:]):
         lin = torch.nn.Linear(n_in, n_out)
         with torch.no_grad():
             bound = n_in ** -0.5
             lin.weight.copy_(torch.rand(n_out, n_in, generator=gen) * 2 * bound - bound)
             lin.bias.copy_(torch.rand(n_out, generator=gen) * 2 * bound - bound)
         mods.append(lin)
-        if i < len(layers) - 2:
-            mods.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*mods).to(device=device, dtype=dtype)
+    return _relu_between(mods).to(device=device, dtype=dtype)
 
 
 def _train_step(model, opt, x, y):

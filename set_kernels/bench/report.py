@@ -1,136 +1,14 @@
-"""Results of ``set-kernels bench``: the JSON document, its schema check, the markdown table, the plot.
+"""Results of ``set-kernels bench``: the JSON document, the markdown tables, the plot.
 
-JSON document (``<stem>.json``; ``schema`` = 1)::
-
-    {
-      "schema": 1,
-      "meta": {
-        "device_type": "cpu" | "cuda",  "device_name": str,  "device_slug": str,
-        "cpu": str,  "gpu": str | null,  "threads": int,
-        "versions": {"python", "torch", "triton", "numba", "numpy", "set_kernels": str | null},
-        "git": {"commit": str | null, "dirty": bool | null},
-        "command": str,  "mode": "quick" | "full" | "tiny",  "ops": [str],
-        "timing": str,  "started_at": ISO-8601 UTC str,  "wall_s": float,  "grid": {...},
-        "loadavg": float | null,  "loadavg_end": float | null   (1-minute load at start and end)
-      },
-      "ceilings": {"copy": {"bytes": int, "footprint_bytes": int, "written_bytes": int, "gbps": float,
-                            "method": str, "median_ms": float, "min_ms": float, ...}},
-      "records": [record, ...],
-      "skipped": [{"op": str, "pass": str, "impl": str, "reason": str, "case": str}, ...]
-    }
-
-Every record (one implementation timed in one comparison group)::
-
-    op          "block_sparse_linear" | "masked_adam_" | "set_mlp_step"
-    pass        "forward" | "forward_backward" (linear), "step" (Adam), "train_step" (SET-MLP)
-    impl        a backend name ("numba", "triton", "cuda", "torch"), "dense" or "torch_bsr"
-    kind        "sparse" (a set_kernels backend), "dense" (torch on the dense weight), "baseline" (torch BSR)
-    backend     the backend name for kind "sparse", else null
-    shape       {"tokens", "in_features", "out_features"} | {"rows", "cols"} | {"batch", "layers"}
-    dtype       "float32", "bfloat16", ...
-    block       block size (Adam: the block size of the mask; dense: that of its group)
-    density     live fraction of the sparse operand (layout.density: exact, not the nominal value)
-    nnz_blocks  live blocks (null for the MLP)
-    median_ms, q20_ms, q80_ms, min_ms, max_ms    time of one call (ms); repeats: number of timed calls
-    flops, tflops            FLOPs of one call on live blocks (dense: the whole matrix) and FLOP/s / 1e12
-    bytes, gbps              minimum bytes of one call, and bytes / median time / 1e9
-    copy_gbps, copy_share    the copy ceiling of this group, and gbps / copy_gbps (see below)
-    dense_ms     median of the dense baseline in the same group (null when it failed)
-    speedup      dense_ms / median_ms
-    E            density * dense_ms / median_ms (null for dense): 1.0 = time scales exactly with density
-    (set_mlp_step sparse records also: step_ms, evolution_ms, interval: median_ms = step_ms +
-    evolution_ms / interval, the SET update amortised over its interval; quantiles likewise shifted)
-
-Absent quantities (no FLOP count for Adam, no bytes for matmuls) are null.
-
-**Copy ceiling** (``ceilings.copy``, and ``copy_gbps`` of every memory-bound record): plain
-torch streams that move what the op moves, with no arithmetic: over fp32 buffers as large as the
-op's (``footprint_bytes``; masked Adam: mask, param, grad and both moments, whatever the
-density), every byte read once and ``written_bytes`` written back in place (masked Adam: param
-and both moments), as ``a += b`` and ``c = -c``. It is credited with those bytes, read +
-written (``bytes``), which are all it moves: each store goes to a line just read, so there is no
-uncounted write-allocate read (``dst.copy_(src)`` on a CPU has one, 1.5x the bytes credited,
-which once let masked Adam show 159 % of the copy "ceiling"). It is timed the way the op is and
-alongside it (CPU: interleaved in its group; GPU: ``do_bench`` with L2 flushed before each run).
-``gbps`` is taken at its fastest run and the op's at its median, so ``copy_share`` can exceed 1
-only where the op really moves the same bytes faster. ``ceilings.copy`` is the same reference
-measured once at the start on ``grid.copy_bytes`` of buffers, half of them written.
+The document and its check are defined in :mod:`.schema` (rendered in benchmarks/README.md);
+the copy ceiling of the memory-bound rows is :class:`.timing.CopyCeiling`.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 
-SCHEMA = 1
-META_FIELDS = {"device_type": str, "device_name": str, "device_slug": str, "cpu": str, "threads": int,
-               "versions": dict, "git": dict, "command": str, "mode": str, "ops": list, "timing": str,
-               "started_at": str, "wall_s": float, "grid": dict}
-RECORD_FIELDS = {"op": str, "pass": str, "impl": str, "kind": str, "shape": dict, "dtype": str,
-                 "median_ms": float, "q20_ms": float, "q80_ms": float, "min_ms": float, "max_ms": float,
-                 "repeats": int}
-NULLABLE_FIELDS = ("backend", "block", "density", "nnz_blocks", "flops", "tflops", "bytes", "gbps",
-                   "copy_gbps", "copy_share", "dense_ms", "speedup", "E")
-KINDS = ("sparse", "dense", "baseline")
-
-
-def _is(value, typ) -> bool:
-    if typ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-
-
-def validate(doc: dict) -> list[str]:
-    """Every way ``doc`` departs from the schema above (an empty list when it conforms)."""
-    problems = []
-    if not isinstance(doc, dict):
-        return ["document: expected a JSON object"]
-    if doc.get("schema") != SCHEMA:
-        problems.append(f"schema: expected {SCHEMA}, got {doc.get('schema')!r}")
-    meta = doc.get("meta", {})
-    for key, typ in META_FIELDS.items():
-        if not _is(meta.get(key), typ):
-            problems.append(f"meta.{key}: expected {typ.__name__}, got {meta.get(key)!r}")
-    for lib in ("python", "torch", "triton", "numba", "numpy", "set_kernels"):
-        if lib not in meta.get("versions", {}):
-            problems.append(f"meta.versions.{lib}: missing")
-    if "commit" not in meta.get("git", {}):
-        problems.append("meta.git.commit: missing")
-    copy = doc.get("ceilings", {}).get("copy", {})
-    if not (_is(copy.get("gbps"), float) and copy["gbps"] > 0):
-        problems.append(f"ceilings.copy.gbps: expected a positive number, got {copy.get('gbps')!r}")
-    records = doc.get("records")
-    if not isinstance(records, list):
-        return problems + ["records: expected a list"]
-    for i, rec in enumerate(records):
-        problems += [f"records[{i}]: {p}" for p in _record_problems(rec)]
-    if not isinstance(doc.get("skipped"), list):
-        problems.append("skipped: expected a list")
-    return problems
-
-
-def _record_problems(rec: dict) -> list[str]:
-    out = []
-    for key, typ in RECORD_FIELDS.items():
-        if not _is(rec.get(key), typ):
-            out.append(f"{key}: expected {typ.__name__}, got {rec.get(key)!r}")
-    for key in NULLABLE_FIELDS:
-        if key not in rec:
-            out.append(f"{key}: missing (null when not applicable)")
-        elif rec[key] is not None and key != "backend" and not _is(rec[key], float):
-            out.append(f"{key}: expected a number or null, got {rec[key]!r}")
-    if rec.get("kind") not in KINDS:
-        out.append(f"kind: expected one of {KINDS}, got {rec.get('kind')!r}")
-    if rec.get("kind") == "sparse" and rec.get("backend") != rec.get("impl"):
-        out.append("backend: expected the impl name for a sparse record")
-    if _is(rec.get("median_ms"), float) and not rec["median_ms"] > 0:
-        out.append(f"median_ms: expected > 0, got {rec['median_ms']}")
-    numbers = all(_is(rec.get(k), float) for k in ("density", "dense_ms", "median_ms"))
-    if rec.get("kind") != "dense" and numbers and rec["median_ms"] > 0:
-        expect = rec["density"] * rec["dense_ms"] / rec["median_ms"]
-        if rec.get("E") is None or not math.isclose(rec["E"], expect, rel_tol=1e-6):
-            out.append(f"E: expected density * dense_ms / median_ms = {expect}, got {rec.get('E')}")
-    return out
+from .schema import validate  # noqa: F401  (the document's check, re-exported)
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -154,56 +32,48 @@ def _by_group(records, op):
     return groups
 
 
-def _linear_table(records) -> list[str]:
-    lines = ["| pass | tokens × in → out | dtype | block | density | backend | ms | dense ms | speedup | E | "
-             "TFLOP/s | torch BSR ms | vs BSR |", "|" + "---|" * 13]
-    for impls in _by_group(records, "block_sparse_linear").values():
-        bsr = impls.get("torch_bsr")
-        for r in impls.values():
-            if r["kind"] != "sparse":
-                continue
-            s = r["shape"]
-            lines.append(
-                f"| {r['pass'].replace('_', '+')} | {s['tokens']} × {s['in_features']} → {s['out_features']} | "
-                f"{r['dtype']} | {r['block']} | {r['density']:.3g} | {r['impl']} | {r['median_ms']:.3g} | "
-                f"{_f(r['dense_ms'], '{:.3g}')} | {_f(r['speedup'], '{:.2f}x')} | {_f(r['E'])} | "
-                f"{_f(r['tflops'], '{:.3g}')} | {_f(bsr and bsr['median_ms'], '{:.3g}')} | "
-                f"{_f(bsr and bsr['median_ms'] / r['median_ms'], '{:.2f}x')} |")
+def _table(records, op, columns) -> list[str]:
+    """One row per sparse record of ``op``; ``columns``: ``[(header, cell(record, {impl: record of its group}))]``."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for impls in _by_group(records, op).values():
+        lines += ["| " + " | ".join(cell(r, impls) for _, cell in columns) + " |"
+                  for r in impls.values() if r["kind"] == "sparse"]
     return lines
 
 
-def _adam_table(records) -> list[str]:
-    lines = ["| rows × cols | dtype | mask block | density | backend | ms | dense ms | speedup | E | GB/s | "
-             "copy GB/s | % of copy | dense GB/s |", "|" + "---|" * 13]
-    for impls in _by_group(records, "masked_adam_").values():
-        dense = impls.get("dense")
-        for r in impls.values():
-            if r["kind"] != "sparse":
-                continue
-            s = r["shape"]
-            lines.append(
-                f"| {s['rows']} × {s['cols']} | {r['dtype']} | {r['block']} | {r['density']:.3g} | {r['impl']} | "
-                f"{r['median_ms']:.3g} | {_f(r['dense_ms'], '{:.3g}')} | {_f(r['speedup'], '{:.2f}x')} | "
-                f"{_f(r['E'])} | {_f(r['gbps'], '{:.3g}')} | {_f(r['copy_gbps'], '{:.3g}')} | "
-                f"{_f(r['copy_share'] and 100 * r['copy_share'], '{:.0f}%')} | "
-                f"{_f(dense and dense['gbps'], '{:.3g}')} |")
-    return lines
+def _col(header, key, fmt="{}", impl=None):
+    """A column showing ``key`` of the row's record (of its group's ``impl`` record, if given)."""
+    def cell(r, impls):
+        src = impls.get(impl) if impl else r
+        return _f(src and src[key], fmt)
+    return header, cell
 
 
-def _mlp_table(records) -> list[str]:
-    lines = ["| layers | batch | dtype | block | density | backend | step ms | SET update ms | amortised ms | "
-             "dense ms | speedup | E |", "|" + "---|" * 12]
-    for impls in _by_group(records, "set_mlp_step").values():
-        for r in impls.values():
-            if r["kind"] != "sparse":
-                continue
-            s = r["shape"]
-            lines.append(
-                f"| {'-'.join(map(str, s['layers']))} | {s['batch']} | {r['dtype']} | {r['block']} | "
-                f"{r['density']:.3g} | {r['impl']} | {r['step_ms']:.3g} | {r['evolution_ms']:.3g} (every "
-                f"{r['interval']}) | {r['median_ms']:.3g} | {_f(r['dense_ms'], '{:.3g}')} | "
-                f"{_f(r['speedup'], '{:.2f}x')} | {_f(r['E'])} |")
-    return lines
+def _case(block="block"):
+    return [_col("dtype", "dtype"), _col(block, "block"), _col("density", "density", "{:.3g}"),
+            _col("backend", "impl")]
+
+
+_VS_DENSE = [_col("dense ms", "dense_ms", "{:.3g}"), _col("speedup", "speedup", "{:.2f}x"), _col("E", "E", "{:.2f}")]
+_LINEAR = [("pass", lambda r, g: r["pass"].replace("_", "+")),
+           ("tokens × in → out", lambda r, g: "{tokens} × {in_features} → {out_features}".format(**r["shape"])),
+           *_case(), _col("ms", "median_ms", "{:.3g}"), *_VS_DENSE, _col("TFLOP/s", "tflops", "{:.3g}"),
+           _col("torch BSR ms", "median_ms", "{:.3g}", impl="torch_bsr"),
+           ("vs BSR", lambda r, g: _f(g.get("torch_bsr") and g["torch_bsr"]["median_ms"] / r["median_ms"], "{:.2f}x"))]
+_ADAM = [("rows × cols", lambda r, g: "{rows} × {cols}".format(**r["shape"])), *_case("mask block"),
+         _col("ms", "median_ms", "{:.3g}"), *_VS_DENSE, _col("GB/s", "gbps", "{:.3g}"),
+         _col("copy GB/s", "copy_gbps", "{:.3g}"),
+         ("% of copy", lambda r, g: _f(r["copy_share"] and 100 * r["copy_share"], "{:.0f}%")),
+         _col("dense GB/s", "gbps", "{:.3g}", impl="dense")]
+_MLP = [("layers", lambda r, g: "-".join(map(str, r["shape"]["layers"]))),
+        ("batch", lambda r, g: str(r["shape"]["batch"])), *_case(), _col("step ms", "step_ms", "{:.3g}"),
+        ("SET update ms", lambda r, g: f"{r['evolution_ms']:.3g} (every {r['interval']})"),
+        _col("amortised ms", "median_ms", "{:.3g}"), *_VS_DENSE]
+SECTIONS = (("block_sparse_linear", "## block_sparse_linear: y = x @ W.T (forward) and its dX, dW", _LINEAR),
+            ("masked_adam_", "## masked_adam_: one step against torch.optim.Adam(fused=True) + mask "
+             "multiplies (GB/s on the minimum bytes: mask + live p, grad, moments)", _ADAM),
+            ("set_mlp_step", "## set_mlp_step: one SET-MLP training step (forward, backward, MaskedAdam, "
+             "SET update / interval) against the dense MLP with torch.optim.Adam(fused=True)", _MLP))
 
 
 def format_markdown(doc: dict, *, image: str | None = None) -> str:
@@ -227,15 +97,9 @@ def format_markdown(doc: dict, *, image: str | None = None) -> str:
            "T_dense / T_sparse; TFLOP/s counts live blocks only; vs BSR = T(torch BSR matmul) / T_sparse"]
     if image:
         out += ["", f"![speedup against density]({image})"]
-    sections = (("block_sparse_linear", "## block_sparse_linear: y = x @ W.T (forward) and its dX, dW",
-                 _linear_table),
-                ("masked_adam_", "## masked_adam_: one step against torch.optim.Adam(fused=True) + mask "
-                 "multiplies (GB/s on the minimum bytes: mask + live p, grad, moments)", _adam_table),
-                ("set_mlp_step", "## set_mlp_step: one SET-MLP training step (forward, backward, MaskedAdam, "
-                 "SET update / interval) against the dense MLP with torch.optim.Adam(fused=True)", _mlp_table))
-    for op, title, table in sections:
+    for op, title, columns in SECTIONS:
         if any(r["op"] == op for r in recs):
-            out += ["", title, "", *table(recs)]
+            out += ["", title, "", *_table(recs, op, columns)]
     if doc["skipped"]:
         out += ["", "Not timed:"]
         seen = set()

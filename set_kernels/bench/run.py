@@ -9,13 +9,14 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 
 from .._info import cpu_model
 from . import cases, mlp, timing
 from .grid import DTYPES, Grid
-from .report import SCHEMA
+from .schema import SCHEMA
 
 
 def device_name(device: torch.device) -> str:
@@ -78,64 +79,68 @@ def _loadavg():
         return None
 
 
-def plan(grid: Grid, ops, device: torch.device, requested_backends):
-    """``[(label, build)]``: ``build()`` returns the list of :class:`cases.Group` of one case."""
+@dataclasses.dataclass
+class Case:
+    """One case of a grid: ``build()`` makes its comparison group(s) (:mod:`.cases`, :mod:`.mlp`).
+
+    ``chosen``: ``{pass: (backend names, [(backend, why not)])}`` from :func:`.cases.select_backends`."""
+
+    op: str
+    label: str  # "linear 512x4096 float32 b=32 d=0.05": the progress bar, skipped[].case
+    chosen: dict
+    build: object
+
+    def groups(self) -> list:
+        """The built groups, with the backends not selected listed as skipped."""
+        groups = self.build()
+        groups = groups if isinstance(groups, list) else [groups]
+        for g in groups:
+            g.skipped += self.chosen.get(g.pass_, ([], []))[1]
+        return groups
+
+    @property
+    def impls(self) -> dict:
+        """``{pass: [impl]}``: what the groups time (the parameters of the pytest-benchmark suites)."""
+        out = {}
+        for pass_, (names, _) in self.chosen.items():
+            if pass_ == "train_step":  # the SET update is timed on its own (see .mlp)
+                names = [x for n in names for x in (n, f"{n}/set_update")]
+            out[pass_] = names + ["dense"] + (["torch_bsr"] if pass_ == "forward" else [])
+        return out
+
+
+def plan(grid: Grid, ops, device: torch.device, requested_backends) -> list[Case]:
+    """Every case of ``grid`` for ``ops``, in measurement order (``set-kernels bench`` and the
+    pytest-benchmark suites time these)."""
+    def select(passes, dname, block=None):
+        return {p: cases.select_backends(requested_backends, [p], device, DTYPES[dname], block=block) for p in passes}
+
     items = []
-    if "block_sparse_linear" in ops:
-        for tokens, features, dname in grid.linear:
-            dt = DTYPES[dname]
-            for block in grid.blocks:
-                chosen = {p: cases.select_backends(requested_backends, [p], device, dt, block=block)
-                          for p in ("forward", "forward_backward")}
-                for density in grid.densities:
-                    def build(tokens=tokens, features=features, dt=dt, block=block, density=density, chosen=chosen):
-                        groups = cases.linear_groups(tokens, features, dt, block, density, device,
-                                                     {p: names for p, (names, _) in chosen.items()})
-                        for g in groups:
-                            g.skipped += chosen.get(g.pass_, ([], []))[1]
-                        return groups
-                    items.append((f"linear {tokens}x{features} {dname} b={block} d={density}", build))
-        for tokens, features, dname in grid.element_linear:  # element sparsity: block size 1
-            dt = DTYPES[dname]
-            chosen = {p: cases.select_backends(requested_backends, [p], device, dt, block=1)
-                      for p in ("forward", "forward_backward")}
-            for density in grid.element_densities:
-                def build(tokens=tokens, features=features, dt=dt, density=density, chosen=chosen):
-                    groups = cases.linear_groups(tokens, features, dt, 1, density, device,
-                                                 {p: names for p, (names, _) in chosen.items()})
-                    for g in groups:
-                        g.skipped += chosen.get(g.pass_, ([], []))[1]
-                    return groups
-                items.append((f"linear {tokens}x{features} {dname} b=1 d={density}", build))
+    if "block_sparse_linear" in ops:  # block sizes, then element sparsity (block 1) on its own shapes
+        for sizes, blocks, densities in ((grid.linear, grid.blocks, grid.densities),
+                                         (grid.element_linear, (1,), grid.element_densities)):
+            for tokens, features, dname in sizes:
+                for block in blocks:
+                    chosen = select(("forward", "forward_backward"), dname, block)
+                    names = {p: n for p, (n, _) in chosen.items()}
+                    items += [Case("block_sparse_linear", f"linear {tokens}x{features} {dname} b={block} d={d}",
+                                   chosen, partial(cases.linear_groups, tokens, features, DTYPES[dname], block, d,
+                                                   device, names)) for d in densities]
     if "masked_adam_" in ops:
         for rows, cols, dname in grid.adam:
-            dt = DTYPES[dname]
-            names, skipped = cases.select_backends(requested_backends, ["step"], device, dt)
-            for density in grid.adam_densities:
-                def build(rows=rows, cols=cols, dt=dt, density=density, names=names, skipped=skipped):
-                    g = cases.adam_group(rows, cols, dt, grid.adam_block, density, device, names)
-                    g.skipped += skipped
-                    return [g]
-                items.append((f"masked_adam_ {rows}x{cols} {dname} d={density}", build))
+            chosen = select(("step",), dname)
+            items += [Case("masked_adam_", f"masked_adam_ {rows}x{cols} {dname} d={d}", chosen,
+                           partial(cases.adam_group, rows, cols, DTYPES[dname], grid.adam_block, d, device,
+                                   chosen["step"][0])) for d in grid.adam_densities]
     if "set_mlp_step" in ops:
-        dt = DTYPES[grid.mlp_dtype]
-        names, skipped = cases.select_backends(requested_backends, ["train_step"], device, dt)
         blocks = (grid.mlp_block, 1) if grid.mlp_element else (grid.mlp_block,)
-        for block in blocks:
-            names, skipped = cases.select_backends(requested_backends, ["train_step"], device, dt, block=block)
-            for density in grid.mlp_densities:
-                def build(density=density, names=names, skipped=skipped, block=block):
-                    g = mlp.mlp_group(grid, density, device, names, block=block)
-                    g.skipped += skipped
-                    return [g]
-                items.append((f"set_mlp_step b={block} d={density}", build))
-        names, skipped = cases.select_backends(requested_backends, ["train_step"], device, dt, block=1)
-        for width, density in grid.mlp_scale:
-            def build(width=width, density=density, names=names, skipped=skipped):
-                g = mlp.mlp_group(grid, density, device, names, layers=(784, width, width, width, 10), block=1)
-                g.skipped += skipped
-                return [g]
-            items.append((f"set_mlp_step scale width={width} d={density}", build))
+        mlps = [(f"b={b} d={d}", d, b, None) for b in blocks for d in grid.mlp_densities]
+        mlps += [(f"scale width={w} d={d}", d, 1, (784, w, w, w, 10)) for w, d in grid.mlp_scale]
+        for name, density, block, layers in mlps:
+            chosen = select(("train_step",), grid.mlp_dtype, block)
+            items.append(Case("set_mlp_step", f"set_mlp_step {name}", chosen,
+                              partial(mlp.mlp_group, grid, density, device, chosen["train_step"][0], layers=layers,
+                                      block=block)))
     return items
 
 
@@ -160,7 +165,7 @@ def traffic(group: cases.Group) -> tuple[int, int] | None:
 
 
 def records_of(group: cases.Group, stats: dict, copy_gbps: float) -> list[dict]:
-    """One record per timed implementation of ``group`` (fields documented in :mod:`.report`).
+    """One record per timed implementation of ``group`` (fields: :mod:`.schema`).
 
     ``copy_gbps``: the copy ceiling the group's GB/s are compared with (timed along with it, on
     buffers as large as the op's, moving its bytes: :func:`traffic`, :class:`.timing.CopyCeiling`)."""
@@ -190,7 +195,7 @@ def records_of(group: cases.Group, stats: dict, copy_gbps: float) -> list[dict]:
 
 def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command: str = "",
         progress: bool = True, log=None) -> dict:
-    """Time every case of ``grid`` for ``ops`` on ``device``; returns the JSON document (see :mod:`.report`).
+    """Time every case of ``grid`` for ``ops`` on ``device``; returns the JSON document (see :mod:`.schema`).
 
     ``backends``: backend names to time (None: every available one except the plain-torch
     reference, and triton on CPU). A case that fails is listed under ``skipped`` with its error.
@@ -209,10 +214,11 @@ def run(device, grid: Grid, ops, *, backends=None, mode: str = "custom", command
                                                     rep_ms=grid.rep_ms)
     bar.update()
     copy_gbps = doc["ceilings"]["copy"]["gbps"]
-    for label, build in items:
+    for case in items:
+        label = case.label
         bar.set_postfix_str(label)
         try:
-            groups = build()
+            groups = case.groups()
         except Exception as exc:  # keep the rest of the run; the failure is reported
             doc["skipped"].append({"op": label.split()[0], "pass": "-", "impl": "-", "case": label,
                                    "reason": f"{type(exc).__name__}: {exc}"})
