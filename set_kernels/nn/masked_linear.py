@@ -78,19 +78,65 @@ class MaskedLinear(torch.nn.Module):
                 f"bias={self.bias is not None}, density={density:.4f}")
 
 
-# id(weight) -> the MaskedLinear that owns it. MaskedAdam looks the mask up here at every step, so
-# it follows the module's current mask buffer (after .to(), load_state_dict or a topology update).
-# Weak values: an entry goes with its module; nothing is stored on the parameter itself, so
-# modules stay picklable and deep-copyable.
-_MASK_OWNERS: "weakref.WeakValueDictionary[int, MaskedLinear]" = weakref.WeakValueDictionary()
+# Every live MaskedLinear (weakly held: an entry goes with its module). MaskedAdam resolves the
+# owner of each of its parameters once, through :func:`mask_owners`, keeps the module and reads
+# its *current* ``mask`` buffer at each step (so it follows .to(), load_state_dict and topology
+# updates). Nothing is stored on the parameter itself, so modules stay picklable and
+# deep-copyable; __setstate__ registers a copy. The weight is read from ``_parameters`` at lookup
+# time, so a weight assigned later (``layer.weight = nn.Parameter(...)``) is found too.
+_LIVE: "weakref.WeakSet[MaskedLinear]" = weakref.WeakSet()
 
 
 def _tag_masked_param(param: torch.nn.Parameter, module: MaskedLinear) -> None:
-    _MASK_OWNERS[id(param)] = module
+    """Register ``module`` as a mask owner (``param`` is its weight; kept for the callers' signature)."""
+    _LIVE.add(module)
+
+
+def current_weight(module: MaskedLinear):
+    """The module's weight Parameter as registered now, or None when it has none (for example
+    while ``weight`` is parametrized with ``torch.nn.utils.parametrize``)."""
+    return module._parameters.get("weight")
+
+
+def parametrized_originals(module: MaskedLinear) -> list:
+    """The original tensors behind a parametrized ``weight`` (``torch.nn.utils.parametrize``), else []."""
+    plist = module.__dict__.get("_modules", {}).get("parametrizations")
+    if plist is None or "weight" not in plist._modules:
+        return []
+    holder = plist._modules["weight"]
+    return [t for name, t in list(holder._parameters.items()) + list(holder._buffers.items())
+            if name.startswith("original") and t is not None]
+
+
+def mask_owners(params) -> dict:
+    """``{param: MaskedLinear}`` for the tensors in ``params`` that are the current weight of a live
+    :class:`MaskedLinear`; other tensors are left out. One pass over the live modules and the
+    params. Raises ValueError for a tensor that is the original of a parametrized MaskedLinear
+    weight: the mask applies to the parametrized value, not to that tensor, so no mask can be
+    inferred for it (pass one explicitly, e.g. ``MaskedAdam(masks={param: mask})``).
+    """
+    current, parametrized = {}, {}
+    for module in list(_LIVE):
+        weight = current_weight(module)
+        if weight is not None:
+            current[id(weight)] = module
+        for original in parametrized_originals(module):
+            parametrized[id(original)] = module
+    owners = {}
+    for p in params:
+        module = current.get(id(p))
+        if module is not None:
+            owners[p] = module
+        elif id(p) in parametrized:
+            raise ValueError(
+                "a parameter is the original of a parametrized MaskedLinear weight "
+                "(torch.nn.utils.parametrize): its mask applies to the parametrized weight, not to this tensor, "
+                "so MaskedAdam cannot infer one; pass masks={param: bool tensor} explicitly or remove the "
+                "parametrization")
+    return owners
 
 
 def mask_of(param: torch.Tensor):
     """The current mask of a ``MaskedLinear`` weight, or None for any other tensor."""
-    module = _MASK_OWNERS.get(id(param))
-    # The identity check guards against a reused id after the original weight was replaced.
-    return module.mask if module is not None and module.weight is param else None
+    module = mask_owners([param]).get(param)
+    return None if module is None else module.mask

@@ -154,15 +154,9 @@ def _masked_adam_kernel(addrs, numels, chunk_start, n_tensors, scale_ptr, inf_pt
                     eps, p_factor, g_wd, P_DT, S_DT, HAS_MASK, HAS_SCALE, COUPLED_WD, BLOCK, ITERS, True, INTERPRETED)
 
 
-def _device_scalar(name, t, device):
-    """A 1-element fp32 tensor on ``device`` (no host sync), or None."""
-    if t is None:
-        return None
-    if t.numel() != 1:
-        raise ValueError(f"{name}: expected a 1-element tensor, got shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
-    return t.detach().reshape(1).to(torch.float32)
+def _device_scalar(t):
+    """A 1-element fp32 tensor (no host sync), or None; the device was checked by the caller."""
+    return None if t is None else t.detach().reshape(1).to(torch.float32)
 
 
 def _stream_id(device: torch.device) -> int:
@@ -219,50 +213,44 @@ def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1
     after this update. ``grad_scale``/``found_inf``: optional 1-element tensors on the params'
     device, read by the kernel. Masked entries of p, m and v become exactly 0; nothing changes
     when ``found_inf`` is non-zero.
+
+    The arguments were checked by ``set_kernels.ops.masked_adam_`` or ``MaskedAdam`` (names,
+    shapes, dtypes, devices, hyper-parameters); only what the kernel's memory accesses rely on is
+    asserted here, in one test per tensor: one device, equal element counts, contiguous p, m, v
+    and mask, a grad of p's dtype, m and v of one dtype, bool masks, 1-element scalars.
     """
     n = len(params)
     if masks is None:
         masks = [None] * n
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(masks) == n):
-        raise ValueError("masked_adam_: params, grads, exp_avgs, exp_avg_sqs and masks must have the same length")
+    assert len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(masks) == n, "masked_adam_: list lengths differ"
     if n == 0:
         return
     device = params[0].device
     _common.check_device(params[0], "params[0]")
-    step = int(step)
-    if step < 1:
-        raise ValueError(f"step: expected an int >= 1, got {step}")
-    scale_t = _device_scalar("grad_scale", grad_scale, device)
-    inf_t = _device_scalar("found_inf", found_inf, device)
+    for t in (grad_scale, found_inf):
+        if t is not None and (t.numel() != 1 or t.device != device):
+            raise ValueError(f"masked_adam_ (triton): grad_scale and found_inf must be 1-element tensors on {device}")
+    scale_t = _device_scalar(grad_scale)
+    inf_t = _device_scalar(found_inf)
 
     groups: dict[tuple, list] = {}
     keep = []  # contiguous copies that must live until the launches are queued
     for i, (p, g, m, v, mask) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks)):
-        if p.dtype not in _common.TL_DTYPES:
-            raise TypeError(f"params[{i}]: the triton backend supports float32, float16 and bfloat16, got {p.dtype}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"grads[{i}]: expected dtype {p.dtype} (params[{i}]), got {g.dtype}")
-        if m.dtype != v.dtype or m.dtype not in (torch.float32, p.dtype):
-            raise TypeError(f"exp_avgs[{i}]/exp_avg_sqs[{i}]: expected float32 or {p.dtype} for both, "
-                            f"got {m.dtype} and {v.dtype}")
-        for name, t in (("params", p), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v), ("masks", mask)):
-            if t is None:
-                continue
-            if t.device != device:
-                raise ValueError(f"{name}[{i}]: expected a tensor on {device}, got {t.device}")
-            if t.numel() != p.numel():
-                raise ValueError(f"{name}[{i}]: expected {p.numel()} elements, got {t.numel()}")
-            if name != "grads" and not t.is_contiguous():
-                raise ValueError(f"{name}[{i}]: expected a contiguous tensor")
-        if mask is not None and mask.dtype != torch.bool:
-            raise TypeError(f"masks[{i}]: expected a bool tensor, got dtype {mask.dtype}")
-        if p.numel() == 0:
+        numel = p.numel()
+        if not (p.dtype in _common.TL_DTYPES and g.dtype == p.dtype and v.dtype == m.dtype
+                and m.dtype in _common.TL_DTYPES and g.device == device and m.device == device
+                and v.device == device and p.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+                and g.numel() == numel and m.numel() == numel and v.numel() == numel
+                and (mask is None or (mask.dtype == torch.bool and mask.device == device
+                                      and mask.is_contiguous() and mask.numel() == numel))):
+            raise ValueError(f"masked_adam_ (triton): the tensors of params[{i}] do not fit the kernel (dtype, "
+                             "device, size or contiguity); call set_kernels.ops.masked_adam_, which says which")
+        if numel == 0:
             continue
         if not g.is_contiguous():
             g = g.contiguous()
             keep.append(g)
-        row = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
-               p.numel())
+        row = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(), numel)
         groups.setdefault((p.dtype, m.dtype, mask is not None), []).append(row)
 
     bc1 = 1 - beta1 ** step
