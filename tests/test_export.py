@@ -114,11 +114,14 @@ def test_use_rejects_unknown_backend():
             pass
 
 
-def test_compiled_layer_with_explicit_backend_warns_and_follows_use(calls):
+def test_compiled_layer_with_explicit_backend_warns_and_follows_use(calls, monkeypatch):
     """A traced call records no backend: an explicit backend= that differs from the run-time choice
     warns once, and a backends.use() block around the compiled call selects it."""
     import warnings
 
+    from set_kernels.ops import _library
+
+    monkeypatch.setattr(_library, "_NOTED", set())  # the warning comes once per process
     g = gen(0)
     layer = sk.nn.SparseLinear(45, 7, density=0.3, block_size=1, generator=g, backend="torch")
     x = randn(5, 45, seed=1)
