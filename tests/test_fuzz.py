@@ -104,7 +104,8 @@ def check_low(actual, ref, torch_err, what):
 # ------------------------------------------------------------------------- block_sparse_linear
 @pytest.mark.parametrize("backend", cpu_backends("linear_forward"))
 def test_fuzz_block_sparse_linear_fwd_bwd(backend, poison_alloc):
-    """Forward (dsd), dx (dds) and dvalues (sdd) and dbias against the float64 reference."""
+    """Forward (linear_forward), dx (linear_grad_input), dvalues (linear_grad_weight) and dbias against the
+    float64 reference."""
 
     @budget(backend)
     @given(problems(backend, "linear_forward"), st.booleans())
@@ -144,7 +145,7 @@ def test_fuzz_block_sparse_linear_fwd_bwd(backend, poison_alloc):
     run()
 
 
-# ------------------------------------------------------------------- raw dds / sdd custom ops
+# ------------------------------------------- raw linear_grad_input / linear_grad_weight custom ops
 @pytest.mark.parametrize("backend", cpu_backends("linear_grad_input"))
 def test_fuzz_raw_dds_and_sdd(backend, poison_alloc):
     """The transposed-index kernel and the weight-gradient kernel called directly, 2-D operands."""

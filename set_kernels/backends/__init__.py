@@ -7,6 +7,10 @@ optionally ``BLOCK_SIZES`` (the matmul block sizes it serves; all of them when a
 dispatcher collects, for a requested (backend, op, device, dtype), every reason the backend cannot
 run it; ``"auto"`` takes the first backend in the device's preference order whose list is empty,
 and an explicit request with a non-empty list raises ``RuntimeError`` listing the reasons.
+
+The custom ops take no backend argument: their CPU and CUDA kernels call :func:`choose` when they
+run (the innermost :func:`use` block, else ``$SET_KERNELS_BACKEND``, else auto), so compiled and
+exported graphs record none. Availability is cached; :func:`clear_cache` forgets it.
 """
 from __future__ import annotations
 
