@@ -49,3 +49,95 @@ def test_eval_identity_and_fallbacks():
     torch.testing.assert_close(y[kept].float(), xb[kept].float() / 0.7, rtol=1e-2, atol=0)
     with pytest.raises(ValueError, match="^p: "):
         Dropout(1.5)
+
+
+def _fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_kernel_matches_the_documented_hash():
+    """keep[i] = fmix32(fmix32(lo(i) + k0) ^ (k1 + hi(i) * golden)) >= threshold, for both kernels."""
+    import numpy as np
+
+    from set_kernels.backends import numba as nb
+
+    kernel = nb._load()[4]
+    k0, k1, p = 0xDEADBEEF, 0x12345678, 0.3
+    threshold = int(p * 2**32)
+    x = np.arange(1, 3001, dtype=np.float64)
+    expect = np.array([x[i] / (1 - p) if _fmix32(_fmix32((i + k0) & 0xFFFFFFFF) ^ k1) >= threshold else 0.0
+                       for i in range(x.size)])
+    for fn in (kernel.dropout_serial, kernel.dropout_parallel, kernel.dropout):
+        out = np.empty_like(x)
+        fn(x, k0, k1, threshold, 1 / (1 - p), out)
+        np.testing.assert_allclose(out, expect, rtol=1e-15)
+
+
+@pytest.mark.parametrize("numel", [40 * 1000, 600 * 1000])  # the serial and the parallel kernel
+def test_mask_independent_of_thread_count(numel):
+    x = torch.ones(numel)
+    d = Dropout(0.4)
+    before = torch.get_num_threads()
+    masks = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(11)
+            masks.append(d(x))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+
+
+def test_seeds_do_not_give_shifted_streams():
+    """Different seeds give masks that agree only as much as independent draws would."""
+    x = torch.ones(100_000)
+    d = Dropout(0.5)
+    torch.manual_seed(0)
+    a, b = (d(x) != 0), (d(x) != 0)
+    for shift in (0, 1, 2, 17, 1000):
+        agree = (a[shift:] == b[:b.numel() - shift]).double().mean().item()
+        assert abs(agree - 0.5) < 6 * (0.25 / a.numel()) ** 0.5, (shift, agree)
+
+
+def test_backward_non_contiguous_grad_and_double_backward():
+    x = (torch.rand(40, 100) + 0.5).requires_grad_()
+    torch.manual_seed(5)
+    y = Dropout(0.2)(x.t())  # non-contiguous input
+    kept = (y != 0).to(x.dtype)
+    y.sum().backward()  # an expanded (stride 0) grad
+    torch.testing.assert_close(x.grad, (kept / 0.8).t())
+    x.grad = None
+    torch.manual_seed(5)
+    y = Dropout(0.2)(x.t())
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)  # d/dx = 2 y * mult
+    torch.testing.assert_close(g, (2 * y * kept / 0.8).t())
+    g.sum().backward()  # second order: 2 * mult**2
+    torch.testing.assert_close(x.grad, (2 * kept / 0.8 ** 2).t())
+
+
+def test_numba_threads_follow_torch():
+    """The backend's cheap thread sync still follows torch.set_num_threads (and undoes a direct
+    numba.set_num_threads) on every call."""
+    import numba
+
+    from set_kernels.backends import numba as nb
+
+    before = torch.get_num_threads()
+    pool = numba.config.NUMBA_NUM_THREADS
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            nb._load()
+            assert numba.get_num_threads() == min(n, pool)
+        if pool >= 2:
+            numba.set_num_threads(2)
+            nb._load()
+            assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        nb._load()

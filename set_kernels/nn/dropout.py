@@ -4,7 +4,8 @@ torch's CPU ``bernoulli_`` draws from one Mersenne Twister, serially: on a 40 x 
 takes about 0.3 ms, which was a third of a truly sparse SET-MLP step. This module keeps
 ``nn.Dropout``'s semantics (zero with probability ``p``, scale the rest by ``1 / (1 - p)``,
 identity in eval mode) and draws the mask with :mod:`set_kernels.backends.numba.dropout`, seeded by
-one draw from torch's default generator, so ``torch.manual_seed`` still fixes every mask. Other
+one draw from torch's default generator, so ``torch.manual_seed`` still fixes every mask. Only the
+seed is kept for the backward pass, which recomputes the mask (no mask tensor is stored). Other
 devices, dtypes, traced code, or a machine without numba fall back to ``F.dropout``. Not part of
 the public API: ``set-kernels train`` uses it for every model it builds (dense ones too).
 """
@@ -18,21 +19,28 @@ from .._checks import check_fraction
 
 
 class _NumbaDropout(torch.autograd.Function):
+    # Only the seed is saved: the backward pass recomputes the mask (the hash is cheaper than
+    # storing and reading a mask), ``grad * mult`` by the same kernel.
     @staticmethod
     def forward(ctx, x, p):
         kernel = backends.get("numba")._load()[4]
-        flat = x.contiguous().view(-1)
-        out = torch.empty_like(flat)
-        mult = torch.empty_like(flat)  # 1 / (1 - p) where kept, 0 where dropped
+        out = torch.empty(x.shape, dtype=x.dtype)  # returned as is: a view would cost autograd's view tracking
         seed = int(torch.randint(0, 2**62, ()))
-        kernel.dropout(flat.detach().numpy(), seed, int(p * 2**32), 1.0 / (1.0 - p), out.numpy(), mult.numpy())
-        ctx.save_for_backward(mult)
-        return out.view(x.shape)
+        key = (seed & 0xFFFFFFFF, seed >> 32, int(p * 2**32), 1.0 / (1.0 - p))
+        kernel.dropout(x.detach().contiguous().view(-1).numpy(), *key, out.view(-1).numpy())
+        ctx.key = key
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (mult,) = ctx.saved_tensors
-        return grad * mult.view(grad.shape), None
+        kernel = backends.get("numba")._load()[4]
+        if grad.requires_grad:  # create_graph: a differentiable grad * mult
+            mult = torch.empty(grad.numel(), dtype=grad.dtype)
+            kernel.dropout(torch.ones_like(mult).numpy(), *ctx.key, mult.numpy())
+            return grad * mult.view(grad.shape), None
+        out = torch.empty(grad.shape, dtype=grad.dtype)
+        kernel.dropout(grad.contiguous().view(-1).numpy(), *ctx.key, out.view(-1).numpy())
+        return out, None
 
 
 class Dropout(torch.nn.Module):

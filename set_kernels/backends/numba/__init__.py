@@ -118,10 +118,30 @@ def _load():
     return _kernels
 
 
+_numba_threads = None  # numba's raw per-thread thread-count getter (cheaper than numba.get_num_threads)
+
+
 def _sync_threads(numba) -> None:
-    # Use as many threads as torch does (torch.set_num_threads), within numba's pool size.
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
+    # Use as many threads as torch does (torch.set_num_threads), within numba's pool size. Checked
+    # on every call (the user may change either count at any time), through numba's raw getter:
+    # numba.get_num_threads() takes a lock and costs about a microsecond.
+    global _numba_threads
+    n = torch.get_num_threads()
+    pool = numba.config.NUMBA_NUM_THREADS
+    if n > pool:
+        n = pool
+    elif n < 1:
+        n = 1
+    get = _numba_threads
+    if get is None:
+        current = numba.get_num_threads()  # starts numba's pool, which defines the raw getter
+        from numba.np.ufunc import parallel
+
+        get = getattr(parallel, "_get_num_threads", None)
+        _numba_threads = get if callable(get) else numba.get_num_threads
+    else:
+        current = get()
+    if current != n:
         numba.set_num_threads(n)
 
 
@@ -136,14 +156,26 @@ _tls = threading.local()
 
 def release_workspace() -> None:
     """Free this thread's cached scratch buffer."""
-    _tls.buf = None
+    _tls.buf = _tls.views = None
 
 
 def _scratch(dtype, *shapes):
-    """Uninitialised numpy arrays of ``shapes`` (64-byte aligned), from the per-thread buffer."""
+    """Uninitialised numpy arrays of ``shapes`` (64-byte aligned), from the per-thread buffer.
+
+    Every call carves from the start of the buffer (the arrays of two calls overlap). The views
+    of the last few ``(dtype, shapes)`` are kept with the buffer, so that a repeated call (every
+    training step) is a dictionary lookup.
+    """
+    key = (dtype, shapes)
+    views = getattr(_tls, "views", None)
+    if views is not None:
+        out = views.get(key)
+        if out is not None:
+            return out
     import numpy as np
 
-    item = np.dtype(dtype).itemsize
+    dtype = np.dtype(dtype)
+    item = dtype.itemsize
     counts = [math.prod(s) for s in shapes]
     sizes = [-(-n * item // 64) * 64 for n in counts]
     total = sum(sizes) + 64
@@ -151,17 +183,31 @@ def _scratch(dtype, *shapes):
     if buf is None or buf.nbytes < total:
         buf = np.empty(total, dtype=np.uint8)
         if total <= WORKSPACE_CACHE_BYTES:
-            _tls.buf = buf
-    off = (-buf.ctypes.data) % 64
+            _tls.buf, _tls.base = buf, (-buf.ctypes.data) % 64
+            _tls.views = views = {}
+        else:
+            views = None
+        base = (-buf.ctypes.data) % 64
+    else:
+        base = _tls.base
+    off = base
     out = []
     for shape, n, size in zip(shapes, counts, sizes):
         out.append(buf[off:off + n * item].view(dtype).reshape(shape))
         off += size
+    out = tuple(out)
+    if views is not None:
+        if len(views) >= _VIEWS_KEPT:
+            views.clear()
+        views[key] = out
     return out
 
 
+_VIEWS_KEPT = 32
+
+
 def _np(t: torch.Tensor):
-    return t.detach().numpy()
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _check_index(t: torch.Tensor) -> None:
@@ -211,7 +257,7 @@ def _product(a, values, index, bias, rows: int, cols: int, block_size: int, tran
 
 def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_size: int) -> torch.Tensor:
     """Weight gradient on the live blocks: ``dv (nnz, b, b)``, ``dv[k] = dy[:, rows of k].T @ x[:, cols of k]``."""
-    bsmm = _load()[0]
+    bsmm, _, _, spmm, _ = _load()
     b = int(block_size)
     rows, cols = int(rows), int(cols)
     nnz = block_row.shape[0]
@@ -225,7 +271,6 @@ def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_si
     dyn, xn = _np(dy), _np(x)
     M = dyn.shape[0]
     if b == 1:
-        spmm = _load()[3]
         dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
         spmm.linear_grad_weight(dyn, xn, _np(block_row), _np(col_idx), dv.numpy().reshape(-1), dyT, xT, spmm.ENTRY_CHUNK)
         return dv

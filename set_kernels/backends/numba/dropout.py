@@ -1,34 +1,96 @@
-"""Numba dropout mask: a counter-based hash per element, in parallel (CPU).
+"""Numba dropout: a counter-based 32-bit hash per element, vectorised (CPU).
 
-``keep[i] = hash(seed, i) >= p * 2**32`` with a splitmix64 finaliser, so the mask depends only on
-``(seed, i)``: deterministic, independent of the thread count, and about twenty times faster than
-torch's serial Mersenne-Twister ``bernoulli_`` on a 40 x 1000 activation.
+``keep[i] = hash(k0, k1, i) >= threshold`` (``threshold = p * 2**32``), where ``(k0, k1)`` are
+the low and high 32 bits of a 64-bit seed and the hash is two rounds of murmur3's ``fmix32``
+finaliser, ``fmix32(fmix32(lo(i) + k0) ^ (k1 + hi(i) * golden))`` (``lo``, ``hi``: the halves of
+the 64-bit element index): both halves of the seed enter, the second after a non-linear bijection,
+so two seeds do not give shifted or permuted copies of one stream. The mask depends only on
+``(seed, i)``: deterministic and independent of the thread count. The hash is written as an LLVM
+intrinsic in 32-bit arithmetic (numba would widen it to 64 bits), so the loop vectorises with
+32-bit lanes (a 64-bit hash does not vectorise on AVX2, which has no 64-bit multiply): about
+12 us a call for a 40 x 1000 fp32 activation on one thread, against 60 us with splitmix64 (Zen 4).
+
+The same kernel serves the forward and the backward pass, ``out = src * (scale if keep else 0)``
+with ``src = x`` then ``src = grad``: the backward pass recomputes the mask from the seed instead
+of keeping it. Small tensors run serially (a parallel launch costs about 10 us, more than the
+whole 40 x 1000 mask).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN = np.uint64(0x9E3779B9)
+
+# Elements per work item of the parallel kernel (a power of two below 2**32: a chunk never
+# straddles a change of the index's high half).
+CHUNK = 1 << 14
+# Below this many elements the serial kernel is used.
+PARALLEL_MIN = 1 << 18
+
+
+@intrinsic
+def _hash(typingctx, i, k0, k1):
+    """``fmix32(fmix32(lo32(i) + k0) ^ k1)`` (murmur3's finaliser), in 32-bit arithmetic: numba
+    widens integer scalars to 64 bits, which would leave the vectorised loop with 64-bit lanes."""
+    sig = types.uint32(types.int64, types.uint32, types.uint32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def fmix32(h):
+            h = builder.xor(h, builder.lshr(h, ir.Constant(i32, 16)))
+            h = builder.mul(h, ir.Constant(i32, 0x85EBCA6B))
+            h = builder.xor(h, builder.lshr(h, ir.Constant(i32, 13)))
+            h = builder.mul(h, ir.Constant(i32, 0xC2B2AE35))
+            return builder.xor(h, builder.lshr(h, ir.Constant(i32, 16)))
+
+        h = fmix32(builder.add(builder.trunc(args[0], i32), args[1]))
+        return fmix32(builder.xor(h, args[2]))
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=True, cache=True)
+def _apply(src, out, i0, i1, k0, k1, threshold, scale):
+    """``out[i] = src[i] * scale`` where ``hash(k0, k1, i) >= threshold``, else 0, for ``i0 <= i < i1``
+    (``i0`` and ``i1 - 1`` share the high 32 bits of the index)."""
+    hi = np.uint64(i0) >> np.uint64(32)
+    key0 = np.uint32(np.uint64(k0) & np.uint64(0xFFFFFFFF))
+    key1 = np.uint32((np.uint64(k1) + hi * _GOLDEN) & np.uint64(0xFFFFFFFF))
+    t = np.uint32(threshold)
+    zero = src.dtype.type(0)
+    s = src.dtype.type(scale)
+    a = src[i0:i1]
+    b = out[i0:i1]
+    for j in range(i1 - i0):
+        h = _hash(i0 + j, key0, key1)
+        b[j] = a[j] * s if h >= t else zero
+
+
+@njit(fastmath=True, cache=True)
+def dropout_serial(src, k0, k1, threshold, scale, out):
+    """``out = src * mult`` over flat arrays, ``mult[i] = scale`` where ``hash(k0, k1, i) >= threshold``
+    and 0 elsewhere; one thread."""
+    n = src.shape[0]
+    i0 = np.int64(0)
+    while i0 < n:
+        i1 = min(n, i0 + (np.int64(1) << 32))  # runs that share the high half of the index
+        _apply(src, out, i0, i1, k0, k1, threshold, scale)
+        i0 = i1
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def dropout(x, seed, threshold, scale, out, mult):
-    """``out = x * mult`` with ``mult[i] = scale`` where ``hash(seed, i) >> 32 >= threshold``, else 0
-    (flat arrays); ``mult`` is kept for the backward pass."""
-    n = x.shape[0]
-    chunk = 4096
-    base = np.uint64(seed) * _GOLDEN
-    for c in prange((n + chunk - 1) // chunk):
-        i0 = c * chunk
-        i1 = min(n, i0 + chunk)
-        for i in range(i0, i1):
-            z = base + np.uint64(i) * _GOLDEN
-            z = (z ^ (z >> np.uint64(30))) * _MIX1
-            z = (z ^ (z >> np.uint64(27))) * _MIX2
-            z = z ^ (z >> np.uint64(31))
-            m = scale if (z >> np.uint64(32)) >= threshold else x.dtype.type(0)
-            mult[i] = m
-            out[i] = x[i] * m
+def dropout_parallel(src, k0, k1, threshold, scale, out):
+    """:func:`dropout_serial`, chunks in parallel (the same result)."""
+    n = src.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        i0 = np.int64(c) * CHUNK
+        _apply(src, out, i0, min(n, i0 + CHUNK), k0, k1, threshold, scale)
+
+
+def dropout(src, k0: int, k1: int, threshold: int, scale: float, out) -> None:
+    """The serial or the parallel kernel by size (flat, contiguous numpy arrays of one dtype)."""
+    (dropout_parallel if src.shape[0] >= PARALLEL_MIN else dropout_serial)(src, k0, k1, threshold, scale, out)
