@@ -18,7 +18,8 @@ class SparseLinear(torch.nn.Module):
         values: ``nn.Parameter (nnz_blocks, b, b)``, the live blocks in the layout's CSR order.
         bias: ``nn.Parameter (out_features,)`` or None.
         layout: :class:`BlockSparseLayout` of shape ``(out_features, in_features)``.
-        backend: backend name passed to :func:`set_kernels.ops.block_sparse_linear` (None = auto).
+        backend: backend name passed to :func:`set_kernels.ops.block_sparse_linear` (None: a
+            :func:`set_kernels.backends.use` block, else ``$SET_KERNELS_BACKEND``, else auto).
 
     Input ``(..., in_features)``, output ``(..., out_features)``. The layout's block CSR is kept
     in the buffers ``row_ptr`` and ``col_idx``, so ``state_dict`` round-trips it exactly.

@@ -58,7 +58,11 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
         values: ``(nnz_blocks, b, b)``, same dtype and device as ``x``, in the layout's CSR order.
         layout: :class:`BlockSparseLayout` of shape ``(rows, cols)`` on the same device.
         bias: ``(rows,)`` or None.
-        backend: None/"auto", "triton", "cuda", "numba" or "torch".
+        backend: None/"auto" (a :func:`set_kernels.backends.use` block, else
+            ``$SET_KERNELS_BACKEND``, else the device's auto order), "triton", "cuda", "numba" or
+            "torch". In eager calls it decides the forward and its backward; under
+            ``torch.compile``/``torch.export`` it is checked but not recorded (the graph's ops
+            choose when they run; a warning says so when that differs).
 
     Returns:
         ``(..., rows)`` tensor. Gradients flow to ``x``, ``values`` and ``bias``.

@@ -121,9 +121,10 @@ def _resolve_or_error(backend, op: str, device: torch.device, dtype: torch.dtype
                       block_size=None) -> tuple[str, str]:
     """``(backend name, "")``, or ``(error type name, message)``; a constant under torch.compile.
 
-    Under ``torch.compile`` this runs once, when the graph is traced, and its result is baked in
-    (so ``$SET_KERNELS_BACKEND`` is read at compile time). Returning the error instead of raising
-    it lets the caller raise it as the same exception type, compiled or not.
+    Under ``torch.compile`` this runs once, when the graph is traced, as a check of the request:
+    the graph records no backend (its ops choose when they run, :func:`set_kernels.backends.choose`).
+    Returning the error instead of raising it lets the caller raise it as the same exception type,
+    compiled or not.
     """
     try:
         return backends.resolve(backend, op, device, dtype, block_size), ""

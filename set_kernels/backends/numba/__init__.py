@@ -1,6 +1,7 @@
 """Numba CPU backend: block-sparse matmuls and the fused masked Adam on CPU torch tensors.
 
-The kernels live in :mod:`.bsmm` and :mod:`.adam`; they are imported lazily so that importing
+The kernels live in :mod:`.bsmm` (blocks), :mod:`.spmm` (element sparsity, ``block_size=1``),
+:mod:`.adam` and :mod:`.dropout`; they are imported lazily so that importing
 this module works without numba (then :func:`availability` says why). Inputs are validated and
 made contiguous by the caller (the ops layer); outputs are allocated with torch and written by
 the kernels through numpy views.
@@ -78,7 +79,7 @@ def _set_cache_dir(numba) -> None:
     classes.insert(at, SetKernelsCacheLocator)
 
 
-_kernels = None  # (bsmm, adam, numba) modules once imported
+_kernels = None  # (bsmm, adam, numba, spmm, dropout) modules once imported
 _import_error = None  # why numba cannot be used, once known
 
 
