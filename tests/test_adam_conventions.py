@@ -29,6 +29,15 @@ def set_grads(params, step, seed=700):
         p.grad = randn(*p.shape, dtype=p.dtype, seed=seed + 31 * step + i)
 
 
+def step_both(opt, ref, ours, theirs, steps):
+    """Give both parameter lists the same gradients and step both optimizers, once per step in ``steps``."""
+    for step in steps:
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt.step()
+        ref.step()
+
+
 def assert_same(ours, theirs, tol=TOL64):
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), **tol)
@@ -126,11 +135,7 @@ def test_maximize_per_param_group(cpu_backend):
     ra, rb = clone(a), clone(b)
     opt = MaskedAdam([{"params": a, "maximize": True}, {"params": b}], lr=1e-2, backend=cpu_backend)
     ref = torch.optim.Adam([{"params": ra, "maximize": True}, {"params": rb}], lr=1e-2, foreach=False)
-    for step in range(3):
-        set_grads(a + b, step)
-        set_grads(ra + rb, step)
-        opt.step()
-        ref.step()
+    step_both(opt, ref, a + b, ra + rb, range(3))
     assert_same(a + b, ra + rb)
 
 
@@ -150,11 +155,7 @@ def test_foreach_and_fused_are_accepted_and_change_nothing(cpu_backend, kwargs):
     theirs = clone(ours)
     opt = MaskedAdam(ours, lr=1e-2, backend=cpu_backend, **kwargs)
     ref = MaskedAdam(theirs, lr=1e-2, backend=cpu_backend)
-    for step in range(3):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
+    step_both(opt, ref, ours, theirs, range(3))
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
     key, value = next(iter(kwargs.items()))
@@ -192,11 +193,7 @@ def test_loads_a_torch_adam_state_dict_and_continues_like_it(cpu_backend):
     ours = clone(theirs)
     opt = MaskedAdam(ours, backend=cpu_backend)
     opt.load_state_dict(copy.deepcopy(ref.state_dict()))
-    for step in range(3, 6):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
+    step_both(opt, ref, ours, theirs, range(3, 6))
     assert_same(ours, theirs)
     assert all(opt.state[p]["step"].device.type == "cpu" for p in ours)
 
@@ -401,11 +398,7 @@ def test_float32_tensor_lr_steps_like_its_float_value(cpu_backend):
     lr = torch.tensor([0.03])  # 1-element, not 0-dim: accepted too
     opt = MaskedAdam(ours, lr=lr, backend=cpu_backend)
     ref = MaskedAdam(theirs, lr=float(lr), backend=cpu_backend)
-    for step in range(3):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
+    step_both(opt, ref, ours, theirs, range(3))
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
 
