@@ -169,7 +169,7 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
     import torch
 
     from .nn import MaskedLinear, SparseLinear
-    from .nn.dropout import Dropout
+    from .nn.dropout import ReLUDropout
 
     gen = torch.Generator().manual_seed(seed)
     modules = []
@@ -193,7 +193,7 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
             lin.bias.zero_()
         modules.append(lin)
         if k < len(sizes) - 2:
-            modules += [torch.nn.ReLU(), Dropout(DROPOUT)]
+            modules.append(ReLUDropout(DROPOUT))  # ReLU then dropout, one kernel
     return torch.nn.Sequential(*modules)
 
 

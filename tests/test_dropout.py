@@ -141,3 +141,51 @@ def test_numba_threads_follow_torch():
     finally:
         torch.set_num_threads(before)
         nb._load()
+
+
+@pytest.mark.parametrize("numel", [40 * 1000, 600 * 1000])  # the serial and the parallel kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_dropout_is_relu_then_dropout_bit_for_bit(numel, dtype):
+    """The fused module draws the same mask as ReLU -> Dropout and gives the same values and
+    gradients, exactly; zeros and negative inputs get no gradient (ReLU's convention at 0)."""
+    from set_kernels.nn.dropout import ReLUDropout
+
+    x = torch.randn(numel, dtype=dtype)
+    x[::7] = 0.0
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(numel, dtype=dtype)
+    torch.manual_seed(21)
+    y1 = ReLUDropout(0.3)(x1)
+    torch.manual_seed(21)
+    y2 = Dropout(0.3)(torch.relu(x2))
+    assert torch.equal(y1, y2)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    kept = (y2 != 0)
+    assert kept.any() and (~kept & (x > 0)).any()  # both kinds of zero occur
+    assert torch.equal(x1.grad != 0, kept & (g != 0))
+
+
+def test_relu_dropout_eval_fallback_and_double_backward():
+    from set_kernels.nn.dropout import ReLUDropout
+
+    x = torch.randn(40, 100, dtype=torch.float64)
+    d = ReLUDropout(0.2)
+    assert torch.equal(d.eval()(x), torch.relu(x))
+    d.train()
+    assert torch.equal(ReLUDropout(0.0)(x), torch.relu(x))
+    assert torch.equal(ReLUDropout(1.0)(x), torch.zeros_like(x))
+    xb = x.to(torch.bfloat16)
+    yb = d(xb)  # no numba kernel for bf16: F.relu then F.dropout
+    kept = yb != 0
+    assert yb.dtype == torch.bfloat16 and (yb >= 0).all()
+    torch.testing.assert_close(yb[kept].float(), torch.relu(xb)[kept].float() / 0.8, rtol=1e-2, atol=0)
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(4)
+    y = d(xg.t())  # non-contiguous input
+    pos = (y > 0).to(x.dtype)
+    (g,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)  # 2 y * mult where y > 0
+    torch.testing.assert_close(g, (2 * y * pos / 0.8).t())
+    g.sum().backward()  # second order: 2 * mult**2 where y > 0
+    torch.testing.assert_close(xg.grad, (2 * pos / 0.8 ** 2).t())

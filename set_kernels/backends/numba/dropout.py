@@ -54,9 +54,10 @@ def _hash(typingctx, i, k0, k1):
 
 
 @njit(inline="always", fastmath=True, cache=True)
-def _apply(src, out, i0, i1, k0, k1, threshold, scale):
-    """``out[i] = src[i] * scale`` where ``hash(k0, k1, i) >= threshold``, else 0, for ``i0 <= i < i1``
-    (``i0`` and ``i1 - 1`` share the high 32 bits of the index)."""
+def _apply(src, out, i0, i1, k0, k1, threshold, scale, relu):
+    """``out[i] = f(src[i]) * scale`` where ``hash(k0, k1, i) >= threshold``, else 0, for ``i0 <= i < i1``
+    (``i0`` and ``i1 - 1`` share the high 32 bits of the index); ``f`` is ``max(., 0)`` when
+    ``relu``, else the identity."""
     hi = np.uint64(i0) >> np.uint64(32)
     key0 = np.uint32(np.uint64(k0) & np.uint64(0xFFFFFFFF))
     key1 = np.uint32((np.uint64(k1) + hi * _GOLDEN) & np.uint64(0xFFFFFFFF))
@@ -65,32 +66,64 @@ def _apply(src, out, i0, i1, k0, k1, threshold, scale):
     s = src.dtype.type(scale)
     a = src[i0:i1]
     b = out[i0:i1]
-    for j in range(i1 - i0):
-        h = _hash(i0 + j, key0, key1)
-        b[j] = a[j] * s if h >= t else zero
+    if relu:
+        for j in range(i1 - i0):
+            h = _hash(i0 + j, key0, key1)
+            b[j] = max(a[j], zero) * s if h >= t else zero
+    else:
+        for j in range(i1 - i0):
+            h = _hash(i0 + j, key0, key1)
+            b[j] = a[j] * s if h >= t else zero
 
 
 @njit(fastmath=True, cache=True)
-def dropout_serial(src, k0, k1, threshold, scale, out):
-    """``out = src * mult`` over flat arrays, ``mult[i] = scale`` where ``hash(k0, k1, i) >= threshold``
-    and 0 elsewhere; one thread."""
+def dropout_serial(src, k0, k1, threshold, scale, out, relu=False):
+    """``out = src * mult`` (``relu(src) * mult`` when ``relu``) over flat arrays, ``mult[i] =
+    scale`` where ``hash(k0, k1, i) >= threshold`` and 0 elsewhere; one thread."""
     n = src.shape[0]
     i0 = np.int64(0)
     while i0 < n:
         i1 = min(n, i0 + (np.int64(1) << 32))  # runs that share the high half of the index
-        _apply(src, out, i0, i1, k0, k1, threshold, scale)
+        _apply(src, out, i0, i1, k0, k1, threshold, scale, relu)
         i0 = i1
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def dropout_parallel(src, k0, k1, threshold, scale, out):
+def dropout_parallel(src, k0, k1, threshold, scale, out, relu=False):
     """:func:`dropout_serial`, chunks in parallel (the same result)."""
     n = src.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
         i0 = np.int64(c) * CHUNK
-        _apply(src, out, i0, min(n, i0 + CHUNK), k0, k1, threshold, scale)
+        _apply(src, out, i0, min(n, i0 + CHUNK), k0, k1, threshold, scale, relu)
 
 
-def dropout(src, k0: int, k1: int, threshold: int, scale: float, out) -> None:
-    """The serial or the parallel kernel by size (flat, contiguous numpy arrays of one dtype)."""
-    (dropout_parallel if src.shape[0] >= PARALLEL_MIN else dropout_serial)(src, k0, k1, threshold, scale, out)
+def dropout(src, k0: int, k1: int, threshold: int, scale: float, out, relu: bool = False) -> None:
+    """The serial or the parallel kernel by size (flat, contiguous numpy arrays of one dtype);
+    ``relu`` fuses a ReLU before the dropout."""
+    (dropout_parallel if src.shape[0] >= PARALLEL_MIN else dropout_serial)(src, k0, k1, threshold, scale, out, relu)
+
+
+@njit(fastmath=True, cache=True)
+def _relu_dropout_grad_serial(grad, y, scale, out):
+    zero = grad.dtype.type(0)
+    s = grad.dtype.type(scale)
+    for i in range(grad.shape[0]):
+        out[i] = grad[i] * s if y[i] > zero else zero
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _relu_dropout_grad_parallel(grad, y, scale, out):
+    n = grad.shape[0]
+    zero = grad.dtype.type(0)
+    s = grad.dtype.type(scale)
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            out[i] = grad[i] * s if y[i] > zero else zero
+
+
+def relu_dropout_grad(grad, y, scale: float, out) -> None:
+    """Backward of the fused ReLU + dropout from its output ``y``: ``out = grad * scale`` where
+    ``y > 0`` and 0 elsewhere (``y > 0`` exactly where the element was kept and its input was
+    positive; flat, contiguous numpy arrays of one dtype). No hash is recomputed."""
+    kernel = _relu_dropout_grad_parallel if grad.shape[0] >= PARALLEL_MIN else _relu_dropout_grad_serial
+    kernel(grad, y, scale, out)
