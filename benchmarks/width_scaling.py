@@ -12,6 +12,10 @@ the median training time per epoch (steps plus the SET update, without evaluatio
 resident memory of the process, and the test accuracy after the last epoch. Results go to
 ``--out`` (default ``benchmarks/results/<cpu>/width_scaling/``): a JSON per run, ``summary.md``
 and ``scaling.png``. Existing JSON files are kept, so the script resumes.
+
+The speed of the 2-core test machine drifts over time (up to 2x for tens of seconds), so ratios
+between these processes are only indicative: ``epoch_ratio.py`` measures the sparse / block /
+dense epoch ratios with the configurations interleaved in one process.
 """
 from __future__ import annotations
 
