@@ -103,22 +103,28 @@ def dropout(src, k0: int, k1: int, threshold: int, scale: float, out, relu: bool
     (dropout_parallel if src.shape[0] >= PARALLEL_MIN else dropout_serial)(src, k0, k1, threshold, scale, out, relu)
 
 
-@njit(fastmath=True, cache=True)
-def _relu_dropout_grad_serial(grad, y, scale, out):
+@njit(inline="always", fastmath=True, cache=True)
+def _grad_range(grad, y, scale, out, i0, i1):
     zero = grad.dtype.type(0)
     s = grad.dtype.type(scale)
-    for i in range(grad.shape[0]):
-        out[i] = grad[i] * s if y[i] > zero else zero
+    g = grad[i0:i1]
+    a = y[i0:i1]
+    b = out[i0:i1]
+    for j in range(i1 - i0):
+        b[j] = g[j] * s if a[j] > zero else zero
+
+
+@njit(fastmath=True, cache=True)
+def _relu_dropout_grad_serial(grad, y, scale, out):
+    _grad_range(grad, y, scale, out, 0, grad.shape[0])
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _relu_dropout_grad_parallel(grad, y, scale, out):
     n = grad.shape[0]
-    zero = grad.dtype.type(0)
-    s = grad.dtype.type(scale)
     for c in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            out[i] = grad[i] * s if y[i] > zero else zero
+        i0 = np.int64(c) * CHUNK
+        _grad_range(grad, y, scale, out, i0, min(n, i0 + CHUNK))
 
 
 def relu_dropout_grad(grad, y, scale: float, out) -> None:
