@@ -55,21 +55,21 @@ def no_gpu(C):
 
 
 # ------------------------------------------------------------------------------- binding arguments
-def _dsd_kwargs(**kw):
+def _forward_kwargs(**kw):
     d = dict(x=FAKE, ldx=80, values=FAKE, row_ptr=FAKE, col_idx=FAKE, bias=0, y=FAKE, ldy=70, M=33, rows=70,
              cols=80, nnz=3, block_size=32, dtype=0, tf32=False, stream=0, device=-1)
     d.update(kw)
     return d
 
 
-def _dds_kwargs(**kw):
+def _grad_input_kwargs(**kw):
     d = dict(dy=FAKE, lddy=70, values=FAKE, col_ptr=FAKE, row_idx=FAKE, perm=FAKE, dx=FAKE, lddx=80, M=33,
              rows=70, cols=80, nnz=3, block_size=32, dtype=1, tf32=False, stream=0, device=-1)
     d.update(kw)
     return d
 
 
-def _sdd_kwargs(**kw):
+def _grad_weight_kwargs(**kw):
     d = dict(dy=FAKE, lddy=70, x=FAKE, ldx=80, block_row=FAKE, col_idx=FAKE, out=FAKE, workspace=FAKE,
              workspace_numel=4 * 3 * 32 * 32, M=33, rows=70, cols=80, nnz=3, block_size=32, dtype=2, splits=4,
              tf32=False, stream=0, device=-1)
@@ -77,7 +77,7 @@ def _sdd_kwargs(**kw):
     return d
 
 
-_KWARGS = {"linear_forward": _dsd_kwargs, "linear_grad_input": _dds_kwargs, "linear_grad_weight": _sdd_kwargs}
+_KWARGS = {"linear_forward": _forward_kwargs, "linear_grad_input": _grad_input_kwargs, "linear_grad_weight": _grad_weight_kwargs}
 
 COMMON_BAD = [
     (dict(dtype=7), ["dtype", "7"]),
@@ -148,12 +148,12 @@ def test_binding_valid_arguments_reach_the_device_check(C, no_gpu, op):
     # nulls are fine for empty tensors (no tokens): still only the device check (or nothing to do)
     if op == "linear_grad_weight":
         with pytest.raises(RuntimeError, match="no CUDA device available"):
-            C.linear_grad_weight(**_sdd_kwargs(dy=0, x=0, M=0, workspace=0, workspace_numel=0))
+            C.linear_grad_weight(**_grad_weight_kwargs(dy=0, x=0, M=0, workspace=0, workspace_numel=0))
     else:
         assert getattr(C, op)(**_KWARGS[op](M=0, **{k: 0 for k in ("x", "y", "dy", "dx") if k in _KWARGS[op]()})) is None
 
 
-def test_sdd_split_helpers(C):
+def test_grad_weight_split_helpers(C):
     assert C.BLOCK_SIZES == (16, 32, 64, 128)
     assert C.linear_grad_weight_splits(0, 10, 32) == 1
     assert C.linear_grad_weight_splits(100, 0, 32) == 1
@@ -169,15 +169,15 @@ def test_sdd_split_helpers(C):
     assert C.linear_grad_weight_workspace_numel(3, 10, 32) == 3 * 10 * 32 * 32
 
 
-def test_triton_sdd_split_depends_on_the_shape_only(monkeypatch):
+def test_triton_grad_weight_split_depends_on_the_shape_only(monkeypatch):
     """Both GPU backends choose dW's split-K from the shape alone: the Triton rule is applied with
     a fixed SM count, whatever the device reports (its split count changes the bits)."""
-    triton_sdd = pytest.importorskip("set_kernels.backends.triton.linear_grad_weight", exc_type=ImportError)
+    triton_gw = pytest.importorskip("set_kernels.backends.triton.linear_grad_weight", exc_type=ImportError)
     from set_kernels.backends.triton import _common
 
     seen = []
-    original = triton_sdd.choose_splits
-    monkeypatch.setattr(triton_sdd, "choose_splits", lambda nnz, M, sms: seen.append(sms) or original(nnz, M, sms))
+    original = triton_gw.choose_splits
+    monkeypatch.setattr(triton_gw, "choose_splits", lambda nnz, M, sms: seen.append(sms) or original(nnz, M, sms))
     layout = BSL.random(40, 40, 16, 0.5, generator=gen(5))
     dev = torch.device("cuda" if HAS_TORCH_CUDA else "cpu")
     if not _common.INTERPRET and not HAS_TORCH_CUDA:
@@ -187,8 +187,8 @@ def test_triton_sdd_split_depends_on_the_shape_only(monkeypatch):
     results = []
     for sms in (4, 108, 132, 1000):
         monkeypatch.setattr(_common, "num_sms", lambda device, _n=sms: _n)
-        results.append(triton_sdd.linear_grad_weight(dy, x, lay.block_row, lay.col_idx, 40, 40, 16))
-    assert seen == [triton_sdd.SPLIT_SMS] * 4
+        results.append(triton_gw.linear_grad_weight(dy, x, lay.block_row, lay.col_idx, 40, 40, 16))
+    assert seen == [triton_gw.SPLIT_SMS] * 4
     assert all(torch.equal(r, results[0]) for r in results)
 
 
@@ -383,7 +383,7 @@ def _check(what, got, ref, own, dtype):
     assert err <= 2 * own_err + slack, f"{what}: error {err:.3e} > 2 x torch's {own_err:.3e} + {slack:.1e}"
 
 
-def _run_all(cuda, layout, values, x, dy, bias, dev, **sdd_kw):
+def _run_all(cuda, layout, values, x, dy, bias, dev, **gw_kw):
     rows, cols = layout.shape
     b = layout.block_size
     lay = layout.to(dev)
@@ -391,7 +391,7 @@ def _run_all(cuda, layout, values, x, dy, bias, dev, **sdd_kw):
     bd = bias.to(dev) if bias is not None else None
     y = cuda.linear_forward(xd, v, lay.row_ptr, lay.col_idx, bd, rows, cols, b)
     dx = cuda.linear_grad_input(dyd, v, lay.col_ptr, lay.row_idx, lay.perm, rows, cols, b)
-    dv = cuda.linear_grad_weight(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, **sdd_kw)
+    dv = cuda.linear_grad_weight(dyd, xd, lay.block_row, lay.col_idx, rows, cols, b, **gw_kw)
     torch.cuda.synchronize()
     return y, dx, dv
 
@@ -445,7 +445,7 @@ def test_gpu_ops_are_deterministic(cuda, dtype, b):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_gpu_sdd_split_k_matches_reference(cuda, poison_alloc, dtype):
+def test_gpu_grad_weight_split_k_matches_reference(cuda, poison_alloc, dtype):
     """Forced split counts (1, 3, 7, more than the tokens allow) against the float64 reference."""
     b = 32
     layout = BSL.random(100, 70, b, 0.6, generator=gen(9))

@@ -147,7 +147,7 @@ def test_fuzz_block_sparse_linear_fwd_bwd(backend, poison_alloc):
 
 # ------------------------------------------- raw linear_grad_input / linear_grad_weight custom ops
 @pytest.mark.parametrize("backend", cpu_backends("linear_grad_input"))
-def test_fuzz_raw_dds_and_sdd(backend, poison_alloc):
+def test_fuzz_raw_grad_input_and_grad_weight(backend, poison_alloc):
     """The transposed-index kernel and the weight-gradient kernel called directly, 2-D operands."""
 
     @budget(backend)

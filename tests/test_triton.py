@@ -146,7 +146,7 @@ def test_edge_of_values_is_ignored(poison_alloc):
 
 
 # ------------------------------------------------------------------------------ split-K
-def _sdd_problem(dtype, tokens, b=32, density=0.2, seed=21):
+def _grad_weight_problem(dtype, tokens, b=32, density=0.2, seed=21):
     rows, cols = 3 * b + 7, 2 * b + 9
     layout = BSL.random(rows, cols, b, density, generator=gen(seed)).to(DEVICE)
     dy = randn(tokens, rows, dtype=dtype, seed=seed + 1).to(DEVICE)
@@ -154,29 +154,29 @@ def _sdd_problem(dtype, tokens, b=32, density=0.2, seed=21):
     return layout, dy, x
 
 
-def _sdd_module():
+def _grad_weight_module():
     # (the package attribute linear_grad_weight is the op function, which shadows the submodule)
     return importlib.import_module("set_kernels.backends.triton.linear_grad_weight")
 
 
-def _sdd(layout, dy, x, splits):
-    return _sdd_module().linear_grad_weight(dy, x, layout.block_row, layout.col_idx, *layout.shape, layout.block_size, splits=splits)
+def _grad_weight(layout, dy, x, splits):
+    return _grad_weight_module().linear_grad_weight(dy, x, layout.block_row, layout.col_idx, *layout.shape, layout.block_size, splits=splits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_split_k_matches_reference_and_is_deterministic(dtype, poison_alloc):
     tokens = 250 if not ON_GPU else 20000
-    layout, dy, x = _sdd_problem(dtype, tokens)
+    layout, dy, x = _grad_weight_problem(dtype, tokens)
     assert layout.nnz_blocks > 0
     ref = linear_ref(x.cpu(), torch.zeros(layout.nnz_blocks, 32, 32), layout.to("cpu"), None, dy.cpu())[2]
     theirs = torch.einsum("mi,mj->ij", dy.cpu(), x.cpu())  # torch's own dtype error, dense
     from conftest import blocks_ref
 
     theirs = blocks_ref(theirs.double(), layout.to("cpu")).to(dtype)
-    plain = _sdd(layout, dy, x, 1).cpu()
+    plain = _grad_weight(layout, dy, x, 1).cpu()
     for splits in (3, 4):
-        first = _sdd(layout, dy, x, splits).cpu()
-        second = _sdd(layout, dy, x, splits).cpu()
+        first = _grad_weight(layout, dy, x, splits).cpu()
+        second = _grad_weight(layout, dy, x, splits).cpu()
         assert torch.equal(first, second), f"split-K with {splits} splits is not bit-reproducible"
         check_against_reference(first, theirs, ref, dtype, f"dv, {splits} splits")
     check_against_reference(plain, theirs, ref, dtype, "dv, no split")
@@ -186,7 +186,7 @@ def test_split_k_rule_and_second_pass(monkeypatch):
     """The automatic rule splits when there are few blocks and many tokens, using the second pass."""
     from set_kernels.backends.triton import _common
 
-    mod = _sdd_module()
+    mod = _grad_weight_module()
 
     sms = _common.num_sms(DEVICE)
     assert mod.choose_splits(10 * sms, 1 << 20, sms) == 1  # enough blocks
@@ -194,7 +194,7 @@ def test_split_k_rule_and_second_pass(monkeypatch):
     assert mod.choose_splits(1, 1 << 20, sms) == min(2 * sms, (1 << 20) // mod.SPLIT_MIN_TOKENS, mod.MAX_SPLITS)
 
     monkeypatch.setattr(mod, "SPLIT_MIN_TOKENS", 32)
-    layout, dy, x = _sdd_problem(torch.float32, 200, density=0.1)
+    layout, dy, x = _grad_weight_problem(torch.float32, 200, density=0.1)
     assert 0 < layout.nnz_blocks < sms or not ON_GPU
     calls = []
     original = mod._sum_splits_kernel
@@ -214,10 +214,10 @@ def test_split_k_rule_and_second_pass(monkeypatch):
     assert_close_scaled(values.grad.cpu(), ref, TOL[torch.float32], "dv through the split-K rule")
 
 
-def test_sdd_bad_splits():
-    layout, dy, x = _sdd_problem(torch.float32, 20)
+def test_grad_weight_bad_splits():
+    layout, dy, x = _grad_weight_problem(torch.float32, 20)
     with pytest.raises(ValueError, match="splits"):
-        _sdd(layout, dy, x, 0)
+        _grad_weight(layout, dy, x, 0)
 
 
 # ------------------------------------------------------------------ element sparsity (b = 1)
