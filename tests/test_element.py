@@ -186,3 +186,23 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(b, density, monkeypatch):
         outs.append((y.detach(), x.grad, values.grad, bias.grad))
     for a, c in zip(*outs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_transpose_both_paths(dtype):
+    """The element kernels' transpose, through its few-token (whole columns) and its tiled path,
+    on edge sizes: every output element is written with its transposed input."""
+    np = pytest.importorskip("numpy")
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    spmm = nb._load()[3]
+    rng = np.random.default_rng(3)
+    few = spmm._COLS_BYTES // (spmm._COLS * np.dtype(dtype).itemsize)  # largest M of the few-token path
+    for M in (1, 3, few - 1, few, few + 1, 3 * spmm._T + 5):
+        for n in (1, spmm._COLS - 1, spmm._COLS, spmm._COLS + 1, 1000):
+            a = rng.standard_normal((M, n)).astype(dtype)
+            out = np.full((n, M), np.nan, dtype=dtype)
+            spmm.transpose(a, out)
+            np.testing.assert_array_equal(out, a.T, err_msg=f"M={M} n={n}")
