@@ -28,6 +28,20 @@ from ._checks import check_block_size, check_fraction, check_int, check_tensor
 
 
 _INT32_LIMIT = 2**31 - 1
+# Set to False to build every index with torch ops (the tests compare both paths).
+USE_NUMBA_INDEX = True
+
+
+def _cpu_index_kernels(*tensors):
+    """The numba index builders when they can be used on ``tensors`` (plain CPU tensors, not
+    traced; see ``backends/numba/index.py``), else None."""
+    if not USE_NUMBA_INDEX or torch.compiler.is_compiling():
+        return None
+    if not all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors):
+        return None
+    from .backends import numba as numba_backend
+
+    return numba_backend.index_kernels()
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -53,6 +67,13 @@ class BlockSparseLayout:
             # The packed index is int32 (offsets into values are formed in int64 by the kernels).
             raise ValueError(f"shape: a {n_rows} x {n_cols} block grid with {nnz} live blocks does not fit "
                              f"the int32 layout index (each must be < 2**31 - 1)")
+        self._nnz = nnz
+        kernels = _cpu_index_kernels(row_ptr, col_idx)
+        if kernels is not None:  # the same index in one O(nnz + R + C) pass, no sort
+            self.index = torch.empty(n_rows + n_cols + 2 + 4 * nnz, dtype=torch.int32)
+            kernels.pack_index(row_ptr.contiguous().numpy(), col_idx.contiguous().numpy(), n_cols,
+                               self.index.numpy())
+            return
         counts = row_ptr[1:] - row_ptr[:-1]
         block_row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts, output_size=nnz)
         # CSC order: sort by (column, row); a stable sort on the column keeps rows ascending.
@@ -62,7 +83,6 @@ class BlockSparseLayout:
         col_ptr = torch.searchsorted(sorted_cols, torch.arange(n_cols + 1, device=device))
         parts = (row_ptr, col_idx, block_row, col_ptr, block_row[perm], perm)
         self.index = torch.cat(parts).to(torch.int32)
-        self._nnz = nnz
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -147,6 +167,12 @@ class BlockSparseLayout:
         """From sorted flat block indices ``r * C + c``."""
         n_rows, n_cols = _ceil_div(shape[0], block_size), _ceil_div(shape[1], block_size)
         flat = flat.to(torch.int64)
+        kernels = _cpu_index_kernels(flat)
+        if kernels is not None:  # one pass instead of a remainder and a searchsorted
+            row_ptr = torch.empty(n_rows + 1, dtype=torch.int64)
+            col_idx = torch.empty(flat.numel(), dtype=torch.int64)
+            kernels.csr_from_flat(flat.contiguous().numpy(), n_cols, row_ptr.numpy(), col_idx.numpy())
+            return cls(row_ptr, col_idx, shape, block_size)
         col_idx = torch.remainder(flat, n_cols)
         # Device-side (no host sync): row r starts at the first flat index >= r * C.
         row_ptr = torch.searchsorted(flat, torch.arange(n_rows + 1, device=flat.device) * n_cols)

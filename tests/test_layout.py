@@ -236,3 +236,50 @@ def test_to_dense_from_dense_gradients():
     up_blocks = randn(layout.nnz_blocks, 16, 16, dtype=torch.float64, seed=4)
     sk.ops.from_dense(weight, layout).backward(up_blocks)
     assert torch.equal(weight.grad, dense_ref(up_blocks, layout))
+
+
+def _layouts_both_ways(monkeypatch, build):
+    """``build()`` with the numba index builders and with torch ops only."""
+    import set_kernels.layout as layout_mod
+
+    monkeypatch.setattr(layout_mod, "USE_NUMBA_INDEX", True)
+    fast = build()
+    monkeypatch.setattr(layout_mod, "USE_NUMBA_INDEX", False)
+    slow = build()
+    return fast, slow
+
+
+@pytest.mark.parametrize("b", [1, 16])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.2, 1.0])
+def test_numba_index_builder_matches_torch(monkeypatch, b, density):
+    """On the CPU the packed index is built by numba counting passes; it must equal, element for
+    element, the index the torch ops build (random layouts, empty rows and columns, partial edge
+    blocks, density 0 and 1)."""
+    from set_kernels.backends import numba as nb
+
+    if nb.index_kernels() is None:
+        pytest.skip(nb.availability()[1])
+    for seed, (rows, cols) in enumerate([(1, 1), (37, 5), (5, 301), (130, 97), (257, 64)]):
+        fast, slow = _layouts_both_ways(
+            monkeypatch, lambda: BSL.random(rows, cols, b, density, generator=gen(seed)))
+        assert fast.index.dtype == torch.int32 and fast.index.is_contiguous()
+        assert torch.equal(fast.index, slow.index), (rows, cols, b, density)
+        assert fast == slow
+
+
+def test_numba_index_builder_matches_torch_on_masks(monkeypatch):
+    """Hand-picked masks: empty first/last rows and columns, one full row, one full column."""
+    from set_kernels.backends import numba as nb
+
+    if nb.index_kernels() is None:
+        pytest.skip(nb.availability()[1])
+    mask = torch.zeros(9, 11, dtype=torch.bool)
+    mask[3] = True
+    mask[:, 4] = True
+    mask[5, 7] = mask[7, 1] = True
+    for m in (mask, mask.t().contiguous(), torch.zeros(4, 6, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)):
+        fast, slow = _layouts_both_ways(monkeypatch, lambda: BSL.from_block_mask(m, 1))
+        assert torch.equal(fast.index, slow.index)
+        torch.testing.assert_close(fast.block_mask(), m, rtol=0, atol=0)
+        # the transposed index: rows ascend within each column, perm maps CSC slots to values
+        assert torch.equal(fast.row_idx.long(), fast.block_row.long()[fast.perm.long()])

@@ -466,3 +466,37 @@ def test_block_update_on_cuda_has_no_host_sync(prune, regrow):
         torch.cuda.set_sync_debug_mode(0)
     check_layout(lin.layout)
     assert len(block_set(lin.layout)) == len(old) and block_set(lin.layout) != old
+
+
+@pytest.mark.parametrize("kind", ["element", "block"])
+@pytest.mark.parametrize("regrow,prune,optim", [("random", "magnitude", "sgd"), ("gradient", "set", "adam")])
+def test_cpu_index_kernels_give_the_torch_path_results(monkeypatch, kind, regrow, prune, optim):
+    """On the CPU the SET update merges the kept and regrown positions and builds the layout index
+    with numba passes instead of torch sorts; training through many updates must give exactly the
+    layouts, weights and optimizer state of the torch-only path."""
+    import set_kernels.layout as layout_mod
+    from set_kernels.backends import numba as nb
+
+    if nb.index_kernels() is None:
+        pytest.skip(nb.availability()[1])
+
+    def run(use_numba):
+        monkeypatch.setattr(layout_mod, "USE_NUMBA_INDEX", use_numba)
+        model = build(kind, seed=4)
+        opt = make_optimizer(optim, model)
+        evo = sk.SET(model, opt, zeta=0.3, interval=2, prune=prune, regrow=regrow, seed=6)
+        layouts = []
+        for step in range(1, 13):
+            train_step(model, opt, step)
+            evo.step()
+            layouts.append([m.layout.index.clone() for m in model if isinstance(m, SparseLinear)])
+        return model, opt, layouts
+
+    (m1, o1, l1), (m2, o2, l2) = run(True), run(False)
+    assert len(l1) == len(l2) and all(torch.equal(a, b) for x, y in zip(l1, l2) for a, b in zip(x, y))
+    assert any(not torch.equal(a, b) for a, b in zip(l1[0], l1[-1])), "the topology must have changed"
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        for key, v in o1.state[p1].items():
+            assert torch.equal(v, o2.state[p2][key]), key

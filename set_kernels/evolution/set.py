@@ -64,7 +64,7 @@ import weakref
 import torch
 
 from .._checks import check_choice, check_fraction, check_int
-from ..layout import DENSE_DRAW_LIMIT, BlockSparseLayout, sample_positions
+from ..layout import DENSE_DRAW_LIMIT, BlockSparseLayout, _cpu_index_kernels, sample_positions
 from ..nn.masked_linear import MaskedLinear
 from ..nn.sparse_linear import SparseLinear
 
@@ -307,12 +307,21 @@ class SET:
             grow[flat] = -math.inf
             grow_flat = torch.topk(grow, k, sorted=False).indices
         # 3. new CSR order: replace the pruned slots, sort, and permute values + state in place.
-        new_flat = flat.clone()
-        new_flat[prune_idx] = grow_flat
-        sorted_flat, order = torch.sort(new_flat)
-        fresh = torch.zeros(nnz, dtype=torch.bool, device=device)
-        fresh[prune_idx] = True
-        fresh = fresh[order].view(nnz, 1, 1)
+        kernels = _cpu_index_kernels(flat, prune_idx, grow_flat)
+        if kernels is not None:  # CPU: a merge of the sorted kept and regrown positions, no full sort
+            sorted_flat = torch.empty(nnz, dtype=torch.int64)
+            order = torch.empty(nnz, dtype=torch.int64)
+            fresh = torch.empty(nnz, dtype=torch.bool)
+            kernels.merge_update(flat.numpy(), prune_idx.to(torch.int64).numpy(), grow_flat.to(torch.int64).numpy(),
+                                 sorted_flat.numpy(), order.numpy(), fresh.numpy())
+            fresh = fresh.view(nnz, 1, 1)
+        else:
+            new_flat = flat.clone()
+            new_flat[prune_idx] = grow_flat
+            sorted_flat, order = torch.sort(new_flat)
+            fresh = torch.zeros(nnz, dtype=torch.bool, device=device)
+            fresh[prune_idx] = True
+            fresh = fresh[order].view(nnz, 1, 1)
         new_layout = BlockSparseLayout._from_flat(sorted_flat, layout.shape, layout.block_size)
         layer.set_layout(new_layout, values.index_select(0, order).masked_fill_(fresh, 0))
         for t in self._state_tensors(values):

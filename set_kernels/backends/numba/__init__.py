@@ -1,7 +1,7 @@
 """Numba CPU backend: block-sparse matmuls and the fused masked Adam on CPU torch tensors.
 
 The kernels live in :mod:`.bsmm` (blocks), :mod:`.spmm` (element sparsity, ``block_size=1``),
-:mod:`.adam` and :mod:`.dropout`; they are imported lazily so that importing
+:mod:`.adam`, :mod:`.dropout` and :mod:`.index` (layout indices); they are imported lazily so that importing
 this module works without numba (then :func:`availability` says why). Inputs are validated and
 made contiguous by the caller (the ops layer); outputs are allocated with torch and written by
 the kernels through numpy views.
@@ -117,6 +117,16 @@ def _load():
         _kernels = (bsmm, adam, numba, spmm, dropout)
     _sync_threads(_kernels[2])
     return _kernels
+
+
+def index_kernels():
+    """:mod:`.index` (the layout index builders), or None when numba cannot be used."""
+    if not availability()[0]:
+        return None
+    _load()  # the compile cache is located before the module's kernels are defined
+    from . import index
+
+    return index
 
 
 _numba_threads = None  # numba's raw per-thread thread-count getter (cheaper than numba.get_num_threads)
