@@ -206,3 +206,49 @@ def test_numba_transpose_both_paths(dtype):
             out = np.full((n, M), np.nan, dtype=dtype)
             spmm.transpose(a, out)
             np.testing.assert_array_equal(out, a.T, err_msg=f"M={M} n={n}")
+
+
+def test_sample_positions_numba_merges_give_the_torch_result(monkeypatch):
+    """On the CPU, numba merges replace sample_positions' unique / searchsorted / sort: for the
+    same generator the drawn positions must be identical (several rounds, excludes, crowded)."""
+    import set_kernels.layout as layout_mod
+    from set_kernels.backends import numba as nb
+
+    if nb.index_kernels() is None:
+        pytest.skip(nb.availability()[1])
+    cases = [(10**11, 5000, [3, 10, 11, 12, 99_999_999_998]), (10**6, 7800, None), (40_000, 7_000, "half"),
+             (10**9, 1, [5]), (3_000_000, 100_000, "half")]
+    for seed, (n, k, exclude) in enumerate(cases):
+        if exclude == "half":  # a crowded range: several rounds of draws
+            exclude = torch.arange(0, n, 2)
+        ex = None if exclude is None else torch.as_tensor(exclude, dtype=torch.int64)
+        got = {}
+        for use in (True, False):
+            monkeypatch.setattr(layout_mod, "USE_NUMBA_INDEX", use)
+            got[use] = sample_positions(n, k, generator=gen(seed), exclude=ex)
+        assert torch.equal(got[True], got[False]), (n, k)
+        assert got[True].numel() == k
+
+
+def test_numba_merge_draws_and_select_sorted():
+    """The two merges against their torch definitions, including a second round (``have`` not
+    empty), repeats in the draws, and draws equal to excluded or already-held positions."""
+    from set_kernels.backends import numba as nb
+
+    kernels = nb.index_kernels()
+    if kernels is None:
+        pytest.skip(nb.availability()[1])
+    g = gen(7)
+    for n_have, n_cand, n_ex in [(0, 50, 0), (30, 200, 40), (500, 500, 0), (100, 1, 500), (0, 0, 3)]:
+        have = torch.unique(torch.randint(0, 1000, (n_have,), generator=g))
+        cand = torch.randint(0, 1000, (n_cand,), generator=g)
+        ex = torch.unique(torch.randint(0, 1000, (n_ex,), generator=g))
+        ex = ex[~torch.isin(ex, have)]  # held positions are never excluded ones
+        ref = torch.unique(torch.cat([have, cand]))
+        ref = ref[~torch.isin(ref, ex)]
+        got = torch.from_numpy(kernels.merge_draws(have.numpy(), cand.numpy(), ex.numpy()))
+        assert torch.equal(got, ref), (n_have, n_cand, n_ex)
+        if ref.numel():
+            keep = torch.randperm(ref.numel(), generator=g)[:max(1, ref.numel() // 3)]
+            sel = torch.from_numpy(kernels.select_sorted(ref.numpy(), keep.numpy()))
+            assert torch.equal(sel, torch.sort(ref[keep]).values)

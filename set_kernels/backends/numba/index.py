@@ -102,3 +102,49 @@ def merge_update(flat, prune_idx, grow_flat, new_flat, order, fresh):
             order[p] = i
             fresh[p] = False
             i += 1
+
+
+@njit(cache=True)
+def merge_draws(have, cand, exclude):
+    """The sorted distinct union of ``have`` (sorted, distinct) and ``cand`` (any order, repeats
+    allowed), without the positions in ``exclude`` (sorted, distinct); int64. What
+    ``torch.unique(torch.cat([have, cand]))`` followed by dropping ``exclude`` gives, in
+    O(len(have) + len(exclude) + len(cand) log len(cand))."""
+    c = np.sort(cand)
+    out = np.empty(have.shape[0] + c.shape[0], dtype=np.int64)
+    n = 0
+    i = 0
+    j = 0
+    x = 0
+    n_have, n_c, n_ex = have.shape[0], c.shape[0], exclude.shape[0]
+    while i < n_have or j < n_c:
+        if j >= n_c or (i < n_have and have[i] <= c[j]):
+            v = have[i]
+            i += 1
+        else:
+            v = c[j]
+            j += 1
+        if n > 0 and out[n - 1] == v:
+            continue
+        while x < n_ex and exclude[x] < v:
+            x += 1
+        if x < n_ex and exclude[x] == v:
+            continue
+        out[n] = v
+        n += 1
+    return out[:n].copy()
+
+
+@njit(cache=True)
+def select_sorted(have, keep):
+    """``sort(have[keep])`` for sorted ``have`` and distinct indices ``keep``, in O(len(have))."""
+    take = np.zeros(have.shape[0], dtype=np.bool_)
+    for j in range(keep.shape[0]):
+        take[keep[j]] = True
+    out = np.empty(keep.shape[0], dtype=np.int64)
+    n = 0
+    for i in range(have.shape[0]):
+        if take[i]:
+            out[n] = have[i]
+            n += 1
+    return out
