@@ -189,3 +189,21 @@ def test_relu_dropout_eval_fallback_and_double_backward():
     torch.testing.assert_close(g, (2 * y * pos / 0.8).t())
     g.sum().backward()  # second order: 2 * mult**2 where y > 0
     torch.testing.assert_close(xg.grad, (2 * pos / 0.8 ** 2).t())
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_starting_numba_keeps_torch_thread_count(n):
+    """Starting numba's OpenMP pool resets the process's OpenMP thread count, which torch reads as
+    its own; the backend puts torch's back. Needs a fresh process (the pool starts once)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(%d)\n"
+            "import set_kernels as sk\n"
+            "from set_kernels.backends import numba as nb\n"
+            "assert nb.availability()[0], nb.availability()[1]\n"
+            "sk.BlockSparseLayout.random(50, 40, 1, 0.2)  # the first numba use: the index builder\n"
+            "print(torch.get_num_threads())\n" % n)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == n

@@ -137,7 +137,7 @@ def _sync_threads(numba) -> None:
     # on every call (the user may change either count at any time), through numba's raw getter:
     # numba.get_num_threads() takes a lock and costs about a microsecond.
     global _numba_threads
-    n = torch.get_num_threads()
+    n = wanted = torch.get_num_threads()
     pool = numba.config.NUMBA_NUM_THREADS
     if n > pool:
         n = pool
@@ -146,6 +146,10 @@ def _sync_threads(numba) -> None:
     get = _numba_threads
     if get is None:
         current = numba.get_num_threads()  # starts numba's pool, which defines the raw getter
+        if torch.get_num_threads() != wanted:
+            # Starting numba's OpenMP pool resets the process's OpenMP thread count, which torch
+            # reads back as its own: put torch's back as the user set it.
+            torch.set_num_threads(wanted)
         from numba.np.ufunc import parallel
 
         get = getattr(parallel, "_get_num_threads", None)
