@@ -306,7 +306,8 @@ def sample_positions(n: int, k: int, *, generator=None, device=None, exclude=Non
     have = torch.zeros(0, dtype=torch.int64, device=device)
     # On the CPU, numba merges replace the sorts (the same draws, the same result).
     kernels = _cpu_index_kernels(have, *([] if exclude is None else [exclude]))
-    no_exclude = torch.zeros(0, dtype=torch.int64)
+    if kernels is not None:
+        ex = (have if exclude is None else exclude).contiguous().numpy()  # sorted (empty: nothing excluded)
     while have.numel() < k:
         need = k - have.numel()
         # Enough draws that one round almost always suffices, even when most positions are taken.
@@ -314,8 +315,7 @@ def sample_positions(n: int, k: int, *, generator=None, device=None, exclude=Non
         draws = int(min(need / p_new * 1.1 + 64, 4 * (k + n_excluded) + 1024))
         cand = torch.randint(0, n, (draws,), generator=generator, device=device, dtype=torch.int64)
         if kernels is not None:
-            ex = exclude if exclude is not None else no_exclude
-            have = torch.from_numpy(kernels.merge_draws(have.numpy(), cand.numpy(), ex.contiguous().numpy()))
+            have = torch.from_numpy(kernels.merge_draws(have.numpy(), cand.numpy(), ex))
             continue
         cand = torch.unique(torch.cat([have, cand]))  # sorted, distinct
         if exclude is not None and exclude.numel():
