@@ -27,25 +27,15 @@ import json
 import os
 import statistics
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from width_scaling import ROOT, _device_name  # this folder is sys.path[0] when run as a script
+
 CONFIGS = {  # name: TrainConfig fields
     "sparse": dict(mode="set", layer="sparse"),
     "block16": dict(mode="set", layer="block", block_size=16),
     "masked": dict(mode="set", layer="masked"),
     "dense": dict(mode="dense"),
 }
-
-
-def _device_name() -> str:
-    try:
-        import torch
-        from set_kernels.bench.run import device_name, slug
-
-        return slug(device_name(torch.device("cpu")))
-    except Exception:  # the folder name only
-        return "cpu"
 
 
 def main(argv=None) -> int:
