@@ -191,7 +191,8 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(b, density, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_transpose_both_paths(dtype):
     """The element kernels' transpose, through its few-token (whole columns) and its tiled path,
-    on edge sizes: every output element is written with its transposed input."""
+    on edge sizes: every output element is written with its transposed input, and the padding
+    columns up to whole vectors with zeros."""
     np = pytest.importorskip("numpy")
     from set_kernels.backends import numba as nb
 
@@ -199,13 +200,66 @@ def test_numba_transpose_both_paths(dtype):
         pytest.skip(nb.availability()[1])
     spmm = nb._load()[3]
     rng = np.random.default_rng(3)
-    few = spmm._COLS_BYTES // (spmm._COLS * np.dtype(dtype).itemsize)  # largest M of the few-token path
+    itemsize = np.dtype(dtype).itemsize
+    few = spmm._COLS_BYTES // (spmm._COLS * itemsize)  # largest M of the few-token path
     for M in (1, 3, few - 1, few, few + 1, 3 * spmm._T + 5):
+        Mp = spmm.padded_tokens(M, itemsize)
+        assert Mp >= M and Mp * itemsize % 64 == 0 and Mp - M < 64 // itemsize
         for n in (1, spmm._COLS - 1, spmm._COLS, spmm._COLS + 1, 1000):
             a = rng.standard_normal((M, n)).astype(dtype)
-            out = np.full((n, M), np.nan, dtype=dtype)
+            out = np.full((n, Mp), np.nan, dtype=dtype)
             spmm.transpose(a, out)
-            np.testing.assert_array_equal(out, a.T, err_msg=f"M={M} n={n}")
+            np.testing.assert_array_equal(out[:, :M], a.T, err_msg=f"M={M} n={n}")
+            np.testing.assert_array_equal(out[:, M:], 0, err_msg=f"padding M={M} n={n}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_fused_backward_matches_the_two_kernels_and_fp64(dtype):
+    """The fused element backward (one gather of each dy row for dX and dW) against the float64
+    reference and, bit for bit, against the separate dX SpMM and SDDMM: token counts below, at
+    and above one vector and one token tile (several tiles sum dW), empty rows and columns,
+    density 0 and 1, outputs poisoned first."""
+    np = pytest.importorskip("numpy")
+    from set_kernels.backends import numba as nb
+    from set_kernels.ops import _library
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    spmm = nb._load()[3]
+    rng = np.random.default_rng(5)
+    itemsize = np.dtype(dtype).itemsize
+    tile = 4 * 64 // itemsize
+    cases = [(50, 70, 0.2), (33, 1, 0.5), (1, 40, 1.0), (64, 80, 0.03), (20, 30, 0.0), (17, 19, 1.0)]
+    for k, (R, C, density) in enumerate(cases):
+        layout = sk.BlockSparseLayout.random(R, C, 1, density, generator=gen(k))
+        row_ptr, col_idx, block_row, col_ptr, row_idx, perm = (
+            t.numpy() for t in _library.check_index(layout.index, R, C, 1))
+        nnz = layout.nnz_blocks
+        for M in (1, 5, 16, tile - 1, tile, tile + 9, 3 * tile + 1):
+            v = rng.standard_normal(nnz).astype(dtype)
+            dy = rng.standard_normal((M, R)).astype(dtype)
+            x = rng.standard_normal((M, C)).astype(dtype)
+            Mp = spmm.padded_tokens(M, itemsize)
+            dyT, xT = np.full((R, Mp), np.nan, dtype), np.full((C, Mp), np.nan, dtype)
+            spmm.transpose(dy, dyT)
+            spmm.transpose(x, xT)
+            dx = np.full((M, C), np.nan, dtype)
+            dv = np.full(nnz, np.nan, dtype)
+            spmm._backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, spmm.ROW_CHUNK)
+            dx2 = np.full((M, C), np.nan, dtype)
+            dv2 = np.full(nnz, np.nan, dtype)
+            spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx2, spmm.ROW_CHUNK)
+            spmm._sddmm_t(dyT, xT, M, block_row, col_idx, dv2, spmm.ENTRY_CHUNK)
+            where = f"{R}x{C} d={density} M={M}"
+            np.testing.assert_array_equal(dx, dx2, err_msg=where)
+            np.testing.assert_array_equal(dv, dv2, err_msg=where)
+            w = np.zeros((R, C))
+            w[block_row, col_idx] = v
+            tol = 1e-5 if dtype == "float32" else 1e-12
+            scale = 1 + np.sqrt(max(R, C, M))
+            np.testing.assert_allclose(dx, dy.astype(np.float64) @ w, atol=tol * scale, rtol=tol, err_msg=where)
+            dv_ref = (dy.astype(np.float64).T @ x.astype(np.float64))[block_row, col_idx]
+            np.testing.assert_allclose(dv, dv_ref, atol=tol * scale, rtol=tol, err_msg=where)
 
 
 def test_sample_positions_numba_merges_give_the_torch_result(monkeypatch):

@@ -171,14 +171,16 @@ def _numba_signatures():
         (adam.masked_adam_, (arr(f32, 1),) * 4 + (arr(types.uint8, 1), boolean, arr(f32, 1), boolean, boolean, i64)),
         # element sparsity (block size 1)
         (spmm.transpose, (arr(f32, 2), arr(f32, 2))),
-        (spmm._spmm_t, (arr(f32, 2), arr(f32, 1), idx, idx, idx, boolean, arr(f32, 1), boolean, arr(f32, 2), i64,
+        (spmm._spmm_t, (arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, boolean, arr(f32, 1), boolean, arr(f32, 2),
                         i64)),
-        (spmm._sddmm_t, (arr(f32, 2), arr(f32, 2), idx, idx, arr(f32, 1), i64)),
+        (spmm._sddmm_t, (arr(f32, 2), arr(f32, 2), i64, idx, idx, arr(f32, 1), i64)),
+        (spmm._backward_t, (arr(f32, 2), arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, arr(f32, 2), arr(f32, 1),
+                            i64)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
-                                                "transpose", "spmm_t", "sddmm_t"])
+@pytest.mark.parametrize("case", range(9), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
+                                                "transpose", "spmm_t", "sddmm_t", "backward_t"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]
     narrow = _narrow_integer_values(fn.py_func, sig)

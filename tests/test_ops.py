@@ -34,7 +34,8 @@ CASES = [
     (1030, 1100, 32, 1.0, (5,), True),
     (40, 70, 16, 0.5, (1100,), False),
     # Element sparsity (block size 1, CSR): odd sizes, a 1 x 1 matrix, sparse enough for empty rows,
-    # dense, and more tokens than the numba element kernels' token tile (512), with a remainder.
+    # dense, and many more tokens than the numba element kernels' token tile (64 fp32 / 32 fp64),
+    # with a remainder.
     (37, 53, 1, 0.3, (3,), True),
     (1, 1, 1, 1.0, (2,), True),
     (130, 70, 1, 0.05, (2, 3), False),

@@ -259,9 +259,9 @@ def _product(a, values, index, bias, rows: int, cols: int, block_size: int, tran
     an, vn, idx = _np(a), _np(values), [_np(t) for t in index]
     bias_args = () if transposed else ((vn.reshape(-1)[:0], False) if bias is None else (_np(bias), True))
     if b == 1:
-        (aT,) = _scratch(an.dtype, (n_in, M))
+        (aT,) = _scratch(an.dtype, (n_in, spmm.padded_tokens(M, an.itemsize)))
         kernel = spmm.linear_grad_input if transposed else spmm.linear_forward
-        kernel(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.TOKEN_TILE, spmm.ROW_CHUNK)
+        kernel(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK)
         return out
     (ab,) = _scratch(an.dtype, (-(-n_in // b), M, b))
     kernel = bsmm.linear_grad_input if transposed else bsmm.linear_forward
@@ -286,7 +286,8 @@ def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_si
     dyn, xn = _np(dy), _np(x)
     M = dyn.shape[0]
     if b == 1:
-        dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
+        Mp = spmm.padded_tokens(M, dyn.itemsize)
+        dyT, xT = _scratch(dyn.dtype, (rows, Mp), (cols, Mp))
         spmm.linear_grad_weight(dyn, xn, _np(block_row), _np(col_idx), dv.numpy().reshape(-1), dyT, xT, spmm.ENTRY_CHUNK)
         return dv
     dyt, xt = _scratch(dyn.dtype, (-(-rows // b), b, M), (-(-cols // b), b, M))
@@ -312,10 +313,11 @@ def linear_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, r
     dx = torch.empty(M, cols, dtype=dy.dtype)
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype)
     dyn, xn = _np(dy), _np(x)
-    dyT, xT = _scratch(dyn.dtype, (rows, M), (cols, M))
+    Mp = spmm.padded_tokens(M, dyn.itemsize)
+    dyT, xT = _scratch(dyn.dtype, (rows, Mp), (cols, Mp))
     spmm.linear_backward(dyn, xn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
                   _np(col_idx), bool(need_dx), bool(need_dv), dx.numpy(), dv.numpy().reshape(-1), dyT, xT,
-                  spmm.TOKEN_TILE, spmm.ROW_CHUNK, spmm.ENTRY_CHUNK)
+                  spmm.ROW_CHUNK, spmm.ENTRY_CHUNK)
     return (dx if need_dx else None), (dv if need_dv else None)
 
 

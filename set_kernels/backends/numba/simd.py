@@ -1,0 +1,335 @@
+"""Explicit-vector inner loops of the element kernels (:mod:`.spmm`), written as numba intrinsics.
+
+LLVM does not vectorise the element kernels' inner loops well when they are written as numba
+loops over tokens: a loop ``acc[t] += w * x[t]`` of runtime length (the batch) gets a 64-token
+vector body that a 40-token batch never enters, alias checks between the accumulator and every
+gathered row, and a scalar remainder. These intrinsics emit the loops directly in LLVM IR with
+vectors of one cache line (16 fp32 or 8 fp64 lanes, ``VL``): each live entry costs one broadcast
+of its weight and ``nv`` vector loads and FMAs, with the accumulators in registers for the whole
+row.
+
+Contract (the callers in :mod:`.spmm` keep it; nothing is checked here, as in any kernel):
+
+* the dense operands are C-contiguous 2-D arrays whose rows are padded with zeros to a multiple
+  of ``VL`` values, so that ``nv = ceil(M / VL)`` whole vectors can be loaded from every row
+  (see :func:`lanes`);
+* index arrays are 1-D integer arrays (any width), values 1-D, all of one float dtype;
+* every index read is in range (the ops check the layout once per index tensor).
+
+Prefetching (``pf``): at large widths every gathered row is a cache miss, so the rows of the
+entry ``ahead`` positions on (clamped at ``last``) are requested while the current one is summed,
+through LLVM's prefetch hint; below that size the hints cost more than they save.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# Vector width in bytes (one cache line; one AVX-512 register, two AVX2 ones).
+VEC_BYTES = 64
+# Most vectors per row of one row_accumulate call: token tiles of 64 fp32 / 32 fp64 values.
+NV_MAX = 4
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+@njit(inline="always")
+def lanes(itemsize):
+    """Values per vector for an element size in bytes (16 for fp32, 8 for fp64)."""
+    return VEC_BYTES // itemsize
+
+
+def _prefetch(builder, ptr) -> None:
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0")
+    # read, keep in all cache levels, data
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+class _Gen:
+    """IR helpers shared by the intrinsics: typed loads, vectors of ``dtype``, FMA, reduction."""
+
+    def __init__(self, context, builder, dtype):
+        self.c, self.b = context, builder
+        self.elt = context.get_value_type(dtype)
+        self.itemsize = context.get_abi_sizeof(self.elt)
+        self.VL = VEC_BYTES // self.itemsize
+        self.vty = ir.VectorType(self.elt, self.VL)
+        name = f"llvm.fma.v{self.VL}f{self.itemsize * 8}"
+        self.fma_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vty, [self.vty] * 3), name)
+        self.zero = ir.Constant(self.vty, [ir.Constant(self.elt, 0.0)] * self.VL)
+
+    def arg(self, val, ty, to):
+        return self.c.cast(self.b, val, ty, to)
+
+    def array(self, ty, val):
+        return self.c.make_array(ty)(self.c, self.b, val)
+
+    def index(self, arr, ty, e):
+        """``arr[e]`` of a 1-D integer array, as int64."""
+        val = self.b.load(self.b.gep(arr.data, [e]))
+        return self.c.cast(self.b, val, ty.dtype, types.int64)
+
+    def row_stride(self, arr):
+        """Row stride of a C-contiguous 2-D array, in elements."""
+        return self.b.sdiv(cgutils.unpack_tuple(self.b, arr.strides)[0], ir.Constant(_I64, self.itemsize))
+
+    def splat(self, x):
+        b = self.b
+        u = ir.Constant(self.vty, ir.Undefined)
+        v0 = b.insert_element(u, x, ir.Constant(_I32, 0))
+        return b.shuffle_vector(v0, u, ir.Constant(ir.VectorType(_I32, self.VL), [0] * self.VL))
+
+    def vload(self, base, k):
+        p = self.b.gep(base, [k if isinstance(k, ir.Value) else ir.Constant(_I64, k * self.VL)])
+        return self.b.load(self.b.bitcast(p, self.vty.as_pointer()), align=self.itemsize)
+
+    def vstore(self, val, base, k):
+        p = self.b.gep(base, [ir.Constant(_I64, k * self.VL)])
+        self.b.store(val, self.b.bitcast(p, self.vty.as_pointer()), align=self.itemsize)
+
+    def fma(self, a, x, acc):
+        return self.b.call(self.fma_fn, [a, x, acc])
+
+    def hsum(self, v):
+        """Sum of the lanes of ``v`` (a halving tree)."""
+        b, n = self.b, self.VL
+        while n > 1:
+            n //= 2
+            lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+            hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+            v = b.fadd(lo, hi)
+        return b.extract_element(v, ir.Constant(_I32, 0))
+
+    def tile_dot(self, ds, xs):
+        """``sum_k ds[k] * xs[k]`` as one vector: a product, then FMAs in order of ``k`` (the
+        order every dot of one token tile uses, so that all kernels agree bit for bit)."""
+        dot = self.b.fmul(ds[0], xs[0])
+        for d, x in zip(ds[1:], xs[1:]):
+            dot = self.fma(d, x, dot)
+        return dot
+
+    def clamp(self, e, ahead, last):
+        f = self.b.add(e, ahead)
+        return self.b.select(self.b.icmp_signed("<", f, last), f, last)
+
+
+def _floats_match(*arrays) -> bool:
+    return all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) for a in arrays) and \
+        len({a.dtype for a in arrays}) == 1
+
+
+@intrinsic
+def row_accumulate(typingctx, tile, aT, idx, v, perm, use_perm, e0, e1, t0, nv, init, pf, last, ahead):
+    """``tile[:nv*VL] = init + sum_{e0 <= e < e1} v[perm[e] if use_perm else e] * aT[idx[e], t0:t0 + nv*VL]``.
+
+    ``tile`` 1-D (at least ``nv * VL`` values), ``aT (n_in, Mp)``, ``1 <= nv <= NV_MAX`` (other
+    values leave ``tile`` unwritten). ``perm`` is read (not used) when ``use_perm`` is false, so
+    it must then be an array of at least ``e1`` entries (the callers pass ``idx``). Two sets of
+    accumulators (even and odd entries) halve the FMA dependency chain.
+    """
+    if not _floats_match(tile, aT, v):
+        return None
+    sig = types.void(tile, aT, idx, v, perm, use_perm, e0, e1, t0, nv, init, pf, last, ahead)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[1].dtype)
+        e0_, e1_, t0_, nv_, last_, ahead_ = (g.arg(args[i], st[i], types.int64) for i in (6, 7, 8, 9, 12, 13))
+        use_perm_, pf_ = g.arg(args[5], st[5], types.boolean), g.arg(args[11], st[11], types.boolean)
+        init_vec = g.splat(g.arg(args[10], st[10], st[1].dtype))
+        T, A, Iw, Vw, Pw = (g.array(st[i], args[i]) for i in range(5))
+        rs = g.row_stride(A)
+
+        def weight(e):
+            j = builder.select(use_perm_, g.index(Pw, st[4], e), e)
+            return g.splat(builder.load(builder.gep(Vw.data, [j])))
+
+        def row(e):
+            return builder.gep(A.data, [builder.add(builder.mul(g.index(Iw, st[2], e), rs), t0_)])
+
+        def prefetch(e, n):
+            f = g.clamp(e, ahead_, last_)
+            base = row(f)
+            for k in range(n):
+                _prefetch(builder, builder.gep(base, [ir.Constant(_I64, k * g.VL)]))
+            with builder.if_then(use_perm_):
+                _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[4], f)]))
+
+        def add_entry(e, accs, n):
+            w, base = weight(e), row(e)
+            for k in range(n):
+                builder.store(g.fma(w, g.vload(base, k), builder.load(accs[k])), accs[k])
+
+        end = builder.append_basic_block("acc.end")
+        switch = builder.switch(nv_, end)
+        for n in range(1, NV_MAX + 1):
+            block = builder.append_basic_block(f"acc.nv{n}")
+            switch.add_case(ir.Constant(_I64, n), block)
+            builder.position_at_end(block)
+            even = [cgutils.alloca_once_value(builder, init_vec) for _ in range(n)]
+            odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
+            count = builder.sub(e1_, e0_)
+            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
+            with cgutils.for_range(builder, pairs) as loop:
+                e = builder.add(e0_, builder.mul(loop.index, ir.Constant(_I64, 2)))
+                e_next = builder.add(e, ir.Constant(_I64, 1))
+                with builder.if_then(pf_, likely=False):
+                    prefetch(e, n)
+                    prefetch(e_next, n)
+                add_entry(e, even, n)
+                add_entry(e_next, odd, n)
+            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(_I64, 2)), count)):
+                add_entry(builder.sub(e1_, ir.Constant(_I64, 1)), even, n)
+            for k in range(n):
+                g.vstore(builder.fadd(builder.load(even[k]), builder.load(odd[k])), T.data, k)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_entries(typingctx, a, b, row, col, out, e0, e1, nv, pf, last, ahead):
+    """``out[e] = dot(a[row[e], :nv*VL], b[col[e], :nv*VL])`` for ``e0 <= e < e1``.
+
+    ``a (n_a, Mp)``, ``b (n_b, Mp)`` zero-padded rows, ``out`` 1-D; any ``nv >= 0``. Summed per
+    token tile of ``NV_MAX`` vectors (:meth:`_Gen.tile_dot`, then the lanes), the tiles' sums
+    added in order: the order of :func:`column_grads`, so both give the same bits.
+    """
+    if not _floats_match(a, b, out):
+        return None
+    sig = types.void(a, b, row, col, out, e0, e1, nv, pf, last, ahead)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[0].dtype)
+        e0_, e1_, nv_, last_, ahead_ = (g.arg(args[i], st[i], types.int64) for i in (5, 6, 7, 9, 10))
+        pf_ = g.arg(args[8], st[8], types.boolean)
+        A, B, R, C, O = (g.array(st[i], args[i]) for i in range(5))
+        rs_a, rs_b = g.row_stride(A), g.row_stride(B)
+        n_lines = builder.select(builder.icmp_signed("<", nv_, ir.Constant(_I64, NV_MAX)), nv_,
+                                 ir.Constant(_I64, NV_MAX))
+        groups = builder.sdiv(nv_, ir.Constant(_I64, NV_MAX))
+        rest = builder.srem(nv_, ir.Constant(_I64, NV_MAX))
+        total = cgutils.alloca_once(builder, g.elt)
+        with cgutils.for_range(builder, builder.sub(e1_, e0_)) as loop:
+            e = builder.add(e0_, loop.index)
+            with builder.if_then(pf_, likely=False):
+                f = g.clamp(e, ahead_, last_)
+                pa = builder.gep(A.data, [builder.mul(g.index(R, st[2], f), rs_a)])
+                pb = builder.gep(B.data, [builder.mul(g.index(C, st[3], f), rs_b)])
+                with cgutils.for_range(builder, n_lines) as line:
+                    off = builder.mul(line.index, ir.Constant(_I64, g.VL))
+                    _prefetch(builder, builder.gep(pa, [off]))
+                    _prefetch(builder, builder.gep(pb, [off]))
+            ra = builder.gep(A.data, [builder.mul(g.index(R, st[2], e), rs_a)])
+            rb = builder.gep(B.data, [builder.mul(g.index(C, st[3], e), rs_b)])
+            builder.store(ir.Constant(g.elt, 0.0), total)
+
+            def add_tile(base, n):
+                offs = [builder.add(base, ir.Constant(_I64, k * g.VL)) for k in range(n)]
+                dot = g.tile_dot([g.vload(ra, o) for o in offs], [g.vload(rb, o) for o in offs])
+                builder.store(builder.fadd(builder.load(total), g.hsum(dot)), total)
+
+            with cgutils.for_range(builder, groups) as grp:
+                add_tile(builder.mul(grp.index, ir.Constant(_I64, NV_MAX * g.VL)), NV_MAX)
+            base = builder.mul(groups, ir.Constant(_I64, NV_MAX * g.VL))
+            done = builder.append_basic_block("dot.done")
+            switch = builder.switch(rest, done)
+            for n in range(1, NV_MAX):
+                block = builder.append_basic_block(f"dot.rest{n}")
+                switch.add_case(ir.Constant(_I64, n), block)
+                builder.position_at_end(block)
+                add_tile(base, n)
+                builder.branch(done)
+            builder.position_at_end(done)
+            builder.store(builder.load(total), builder.gep(O.data, [e]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, first, pf, last, ahead):
+    """Both gradients of one input feature ``c`` over one token tile, from one gather per entry.
+
+    For the entries ``e0 <= e < e1`` of column ``c`` (the transposed index: ``idx[e]`` is the
+    output feature, ``perm[e]`` the entry's position in ``v`` and ``dv``), with ``d = dyT[idx[e],
+    t0:t0 + nv*VL]`` and ``x = xT[c, t0:t0 + nv*VL]`` (held in registers):
+
+    * ``tile[:nv*VL] = sum_e v[perm[e]] * d`` (the input gradient of feature ``c``);
+    * ``dv[perm[e]] = dot(d, x)`` when ``first``, else ``dv[perm[e]] += dot(d, x)`` (the weight
+      gradient, summed over token tiles by the caller).
+
+    ``1 <= nv <= NV_MAX``; rows of ``dyT`` and ``xT`` zero-padded to whole vectors.
+    """
+    if not _floats_match(tile, dyT, xT, v, dv):
+        return None
+    sig = types.void(tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, first, pf, last, ahead)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[1].dtype)
+        c_, e0_, e1_, t0_, nv_, last_, ahead_ = (g.arg(args[i], st[i], types.int64) for i in (3, 8, 9, 10, 11, 14, 15))
+        first_, pf_ = g.arg(args[12], st[12], types.boolean), g.arg(args[13], st[13], types.boolean)
+        T, D, X = (g.array(st[i], args[i]) for i in range(3))
+        Iw, Vw, Pw, DV = (g.array(st[i], args[i]) for i in (4, 5, 6, 7))
+        rs_d = g.row_stride(D)
+        xrow = builder.gep(X.data, [builder.add(builder.mul(c_, g.row_stride(X)), t0_)])
+
+        def drow(e):
+            return builder.gep(D.data, [builder.add(builder.mul(g.index(Iw, st[4], e), rs_d), t0_)])
+
+        end = builder.append_basic_block("col.end")
+        switch = builder.switch(nv_, end)
+        for n in range(1, NV_MAX + 1):
+            block = builder.append_basic_block(f"col.nv{n}")
+            switch.add_case(ir.Constant(_I64, n), block)
+            builder.position_at_end(block)
+            xs = [g.vload(xrow, k) for k in range(n)]
+            even = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
+            odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
+
+            def entry(e, accs):
+                with builder.if_then(pf_, likely=False):
+                    f = g.clamp(e, ahead_, last_)
+                    base = drow(f)
+                    for k in range(n):
+                        _prefetch(builder, builder.gep(base, [ir.Constant(_I64, k * g.VL)]))
+                    _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[6], f)]))
+                p = g.index(Pw, st[6], e)
+                w = g.splat(builder.load(builder.gep(Vw.data, [p])))
+                base = drow(e)
+                ds = [g.vload(base, k) for k in range(n)]
+                for k in range(n):
+                    builder.store(g.fma(w, ds[k], builder.load(accs[k])), accs[k])
+                s = g.hsum(g.tile_dot(ds, xs))
+                slot = builder.gep(DV.data, [p])
+                with builder.if_else(first_) as (then, otherwise):
+                    with then:
+                        builder.store(s, slot)
+                    with otherwise:
+                        builder.store(builder.fadd(builder.load(slot), s), slot)
+
+            count = builder.sub(e1_, e0_)
+            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
+            with cgutils.for_range(builder, pairs) as loop:
+                e = builder.add(e0_, builder.mul(loop.index, ir.Constant(_I64, 2)))
+                entry(e, even)
+                entry(builder.add(e, ir.Constant(_I64, 1)), odd)
+            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(_I64, 2)), count)):
+                entry(builder.sub(e1_, ir.Constant(_I64, 1)), even)
+            accs = [builder.fadd(builder.load(a), builder.load(b)) for a, b in zip(even, odd)]
+            for k in range(n):
+                g.vstore(accs[k], T.data, k)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
