@@ -250,7 +250,9 @@ def _build(config: TrainConfig, sizes, steps_per_epoch: int):
                         init=config.init)
     lr = config.lr if config.lr is not None else default_lr(config.mode, config.optimizer)
     if config.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        # fused: one kernel for all parameters (the per-tensor loop of the default implementation
+        # measured 120 us a step for the SET-MLP's eight tensors on the 2-core CPU, fused 43 us)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
     else:
         opt = MaskedAdam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     evo = None

@@ -65,8 +65,9 @@ def build(kind: str, seed: int):
 
 
 def make_optimizer(name: str, model):
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    if name in ("sgd", "sgd-fused"):  # fused: one kernel for all tensors (what `set-kernels train` uses)
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3,
+                               fused=name == "sgd-fused")
     return sk.optim.MaskedAdam(model.parameters(), lr=0.01)
 
 
@@ -91,6 +92,7 @@ def dense_grad_ref(layer, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     ("set", "random", "sgd"),
     ("magnitude", "gradient", "sgd"),
     ("set", "gradient", "adam"),
+    ("magnitude", "random", "sgd-fused"),
 ])
 def test_invariants_over_many_updates(kind, prune, regrow, optim, monkeypatch):
     if kind == "element-chunked":
