@@ -223,6 +223,28 @@ def test_index_check_is_cached_but_sees_in_place_edits():
         sk.ops.block_sparse_linear(x, values, layout)
 
 
+def test_index_check_cache_lets_dropped_indices_go():
+    """The cache of checked indices holds no dropped index (nor its memory): SET drops layouts at
+    every update, and a cache that kept them grew by the size of every dropped index."""
+    import gc
+    import weakref
+
+    from set_kernels.ops import _library
+
+    refs = []
+    for seed in range(3):
+        layout = BSL.random(64, 48, 1, 0.3, generator=gen(seed))
+        x = randn(5, 48, seed=seed)
+        sk.ops.block_sparse_linear(x, randn(layout.nnz_blocks, 1, 1, seed=seed), layout)  # checked, cached
+        assert id(layout.index) in _library._CHECKED
+        refs.append((id(layout.index), weakref.ref(layout.index)))
+        del layout
+    gc.collect()
+    for key, ref in refs:
+        assert ref() is None, "a dropped layout index is still alive"
+        assert key not in _library._CHECKED
+
+
 def test_layout_with_wrong_nnz_count(no_kernel):
     layout, x, values, _ = _good()
     layout._nnz += 1  # nnz_blocks disagrees with the index
