@@ -8,28 +8,38 @@ sparsity instead.
 Design:
 
 * **Activations token-major.** Every kernel first transposes its dense operands from ``(M, n)``
-  to ``(n, M)`` (a tiled, parallel copy, O(M * n)), so that the tokens of one feature are one
-  contiguous run. Each live connection ``(r, c, w)`` then costs one contiguous, vectorised
-  ``out[r, :] += w * in[c, :]`` over the tokens of a tile: the gather is by feature, never by
-  token, and LLVM turns the token loop into packed FMAs.
-* **Token tiles.** Tokens are processed ``TM`` at a time (the whole batch when it is small), so
-  that the operand slice a tile touches, ``n_in * TM`` values, stays in the caches while a row's
-  entries gather from it.
-* **Eight entries per pass.** The forward and dX kernels consume a row's entries eight (then
-  four) at a time, ``acc += w0 * x0 + ... + w7 * x7``: fewer loads and stores of the accumulator,
-  and eight operand rows in flight, which matters at large widths where each is a cache miss
-  (about 10 % faster than four at 5 million live entries).
+  to ``(n, Mp)`` (a parallel copy, O(M * n); ``Mp`` is ``M`` rounded up to whole 64-byte vectors,
+  the padding zeroed), so that the tokens of one feature are one contiguous run. Each live
+  connection ``(r, c, w)`` then costs ``out[r, :] += w * in[c, :]`` over whole vectors of tokens:
+  the gather is by feature, never by token.
+* **Explicit vectors** (:mod:`.simd`). The inner loops are numba intrinsics that emit LLVM vector
+  code directly: per live entry one broadcast of the weight and ``nv = Mp / VL`` vector loads and
+  FMAs (``VL`` = 16 fp32 / 8 fp64 lanes), the row's accumulators kept in registers (two sets,
+  even and odd entries). Written as numba loops over tokens, LLVM had vectorised them 64 tokens at
+  a time with alias checks and a scalar remainder, so that a 40-token batch ran mostly scalar:
+  the forward at width 1,000 (26 k entries, 40 tokens) went from about 80-110 to 50-65 us.
+* **Token tiles.** Tokens are processed ``NV_MAX`` vectors (64 fp32 / 32 fp64) at a time, so that
+  a row's accumulators fit the registers and the operand slice a tile touches stays in the
+  caches.
+* **One gather for both gradients.** When both ``dx`` and ``dW`` are needed, one pass over the
+  transposed index gathers each live entry's ``dy`` row once and uses it twice: FMAs into the
+  input feature's ``dx`` accumulators, and a dot product with the feature's own ``x`` run (held
+  in registers) for ``dW`` (:func:`_backward_t`). That halves the gathers of a backward pass
+  against the dX SpMM plus the SDDMM, which remain for the cases that need only one of them, and
+  gives the same bits (the same summation order).
 * **Prefetch at large widths.** When the gathered operand is larger than the per-core caches
-  (``PREFETCH_MIN_BYTES``), the kernels ask for the operand rows of the entries
-  ``PREFETCH_AHEAD`` positions on (and, for dX, their permuted values) while the current ones are
-  summed, through LLVM's prefetch hint. At width 1,000,000 that took the forward from about 660
-  to 480-570 ms and the SDDMM from about 550 to 440-460 ms per 26 million live entries (40
-  tokens, 2 threads); below the threshold the hints cost more than they save.
+  (``PREFETCH_MIN_BYTES``), the kernels ask for the operand rows of the entry
+  ``PREFETCH_AHEAD`` positions on (and, through the transposed index, its permuted value) while
+  the current one is summed, through LLVM's prefetch hint; below the threshold the hints cost
+  more than they save.
 * **Parallel over independent outputs, no atomics.** The forward owns output features (CSR rows),
-  dX owns input features through the transposed index (so every ``dx`` element is written by one
-  thread), and dW owns live entries (each a dot product of two contiguous token runs). The
-  forward and dX accumulate ``ROW_CHUNK`` features x ``TOKEN_TILE`` tokens in a small tile and
-  write it straight into the row-major output, as contiguous segments of ``ROW_CHUNK`` values.
+  dX and the fused backward own input features through the transposed index (so every ``dx``
+  element and every ``dW`` entry is written by one thread), and the SDDMM owns live entries. The
+  forward and dX accumulate ``ROW_CHUNK`` features x one token tile in a small tile and write it
+  straight into the row-major output, as contiguous segments of ``ROW_CHUNK`` values.
+* **Exact sums.** The kernels built on the intrinsics are compiled without fastmath (numba would
+  put fast-math flags on the intrinsics' instructions too, and LLVM would then reorder each
+  kernel's sums its own way).
 
 Cost: O(nnz * M) arithmetic plus O((rows + cols) * M) for the transposes and output writes, with no term in
 ``rows * cols``. All index arithmetic is in int64 (``nnz`` and ``n * M`` may pass 2**31).
