@@ -306,3 +306,31 @@ def test_numba_merge_draws_and_select_sorted():
             keep = torch.randperm(ref.numel(), generator=g)[:max(1, ref.numel() // 3)]
             sel = torch.from_numpy(kernels.select_sorted(ref.numpy(), keep.numpy()))
             assert torch.equal(sel, torch.sort(ref[keep]).values)
+
+
+def test_numba_scratch_from_huge_page_mappings(monkeypatch):
+    """Scratch buffers from HUGE_PAGE_MIN_BYTES up come from an anonymous mapping (huge pages
+    advised): writable, 64-byte aligned, and the element ops through them still match float64."""
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    big = nb._new_buffer(nb.HUGE_PAGE_MIN_BYTES)
+    assert big.nbytes == nb.HUGE_PAGE_MIN_BYTES and big.flags.writeable and big.ctypes.data % 64 == 0
+    big[::4096] = 7
+    assert int(big[4096]) == 7
+    monkeypatch.setattr(nb, "HUGE_PAGE_MIN_BYTES", 0)  # every buffer from a mapping
+    nb.release_workspace()
+    try:
+        layout = sk.BlockSparseLayout.random(90, 70, 1, 0.2, generator=gen(1))
+        values = randn(layout.nnz_blocks, 1, 1, seed=2, dtype=torch.float64).requires_grad_()
+        x = randn(33, 70, seed=3, dtype=torch.float64).requires_grad_()
+        y = sk.ops.block_sparse_linear(x, values, layout, backend="numba")
+        dy = randn(33, 90, seed=4, dtype=torch.float64)
+        y.backward(dy)
+        w = dense_ref(values.detach(), layout)
+        torch.testing.assert_close(y, x.detach() @ w.T)
+        torch.testing.assert_close(x.grad, dy @ w)
+        torch.testing.assert_close(values.grad.reshape(-1), (dy.T @ x.detach())[layout.block_mask()].reshape(-1))
+    finally:
+        nb.release_workspace()
