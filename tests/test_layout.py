@@ -283,3 +283,27 @@ def test_numba_index_builder_matches_torch_on_masks(monkeypatch):
         torch.testing.assert_close(fast.block_mask(), m, rtol=0, atol=0)
         # the transposed index: rows ascend within each column, perm maps CSC slots to values
         assert torch.equal(fast.row_idx.long(), fast.block_row.long()[fast.perm.long()])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_numba_index_builder_parallel_parts_give_the_serial_index(monkeypatch, threads):
+    """With many entries per column the CSC counting sort runs in row parts, one per thread: the
+    index must not depend on the number of parts (1, 2, 3 threads; parts with empty rows)."""
+    numba = pytest.importorskip("numba")
+    from set_kernels.backends import numba as nb
+
+    kernels = nb.index_kernels()
+    if kernels is None:
+        pytest.skip(nb.availability()[1])
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"numba has {numba.config.NUMBA_NUM_THREADS} threads")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)  # the numba backend follows torch's thread count
+        for seed, (rows, cols, density) in enumerate([(200, 7, 0.9), (64, 3, 1.0), (301, 11, 0.5)]):
+            fast, slow = _layouts_both_ways(
+                monkeypatch, lambda: BSL.random(rows, cols, 1, density, generator=gen(seed)))
+            assert fast.nnz_blocks >= kernels.PACK_ENTRIES_PER_COLUMN * (cols + 1) * threads  # parts in use
+            assert torch.equal(fast.index, slow.index), (rows, cols, density, threads)
+    finally:
+        torch.set_num_threads(before)

@@ -12,16 +12,26 @@ is non-decreasing and ends at ``nnz``; ``col_idx`` is in ``[0, C)`` and ascendin
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads as numba_threads
+from numba import njit, prange
 
 
-@njit(cache=True)
+# Entries per row part of pack_index's parallel counting sort: at least this many per column, so
+# that the per-part column counts (one int64 per column and part) stay small against the entries.
+PACK_ENTRIES_PER_COLUMN = 4
+
+
+@njit(parallel=True, cache=True)
 def pack_index(row_ptr, col_idx, n_cols, out):
     """Write ``(row_ptr, col_idx, block_row, col_ptr, row_idx, perm)`` into ``out`` (int32, of
     length ``(R + 1) + (C + 1) + 4 * nnz``); ``row_ptr (R + 1,)`` and ``col_idx (nnz,)`` int64.
 
     The CSC order is a counting sort of the columns that visits the entries in CSR order, so it is
-    stable: within a column, rows ascend (what ``torch.sort(col_idx, stable=True)`` gives).
+    stable: within a column, rows ascend (what ``torch.sort(col_idx, stable=True)`` gives). In
+    parallel over row parts when there are many entries per column (a SET update at width
+    1,000,000, 26 M entries: about 1.5 s serially): each part counts its entries per column, the
+    parts' slots in a column follow one another in row order, and each part then writes its own
+    entries, so the result is the serial one.
     """
     n_rows = row_ptr.shape[0] - 1
     nnz = col_idx.shape[0]
@@ -30,24 +40,45 @@ def pack_index(row_ptr, col_idx, n_cols, out):
     o_cp = o_br + nnz
     o_ri = o_cp + n_cols + 1
     o_pm = o_ri + nnz
-    nxt = np.zeros(n_cols + 1, dtype=np.int64)  # column counts, then each column's next CSC slot
-    for e in range(nnz):
-        nxt[col_idx[e] + 1] += 1
+    n_parts = max(1, min(numba_threads(), nnz // (PACK_ENTRIES_PER_COLUMN * (n_cols + 1))))
+    # rows of each part: about nnz / n_parts entries each
+    bounds = np.empty(n_parts + 1, dtype=np.int64)
+    bounds[0] = 0
+    r = 0
+    for t in range(1, n_parts):
+        target = nnz * t // n_parts
+        while r < n_rows and row_ptr[r] < target:
+            r += 1
+        bounds[t] = r
+    bounds[n_parts] = n_rows
+    counts = np.zeros((n_parts, n_cols + 1), dtype=np.int64)
+    for t in prange(n_parts):
+        cnt = counts[t]
+        for e in range(row_ptr[bounds[t]], row_ptr[bounds[t + 1]]):
+            cnt[col_idx[e]] += 1
+    # slots: column c's entries of part t start after those of the columns before c and of the
+    # parts before t in column c
+    run = np.int64(0)
     for c in range(n_cols):
-        nxt[c + 1] += nxt[c]
-    for c in range(n_cols + 1):
-        out[o_cp + c] = nxt[c]
+        out[o_cp + c] = run
+        for t in range(n_parts):
+            q = counts[t, c]
+            counts[t, c] = run
+            run += q
+    out[o_cp + n_cols] = run
     for r in range(n_rows + 1):
         out[r] = row_ptr[r]
-    for r in range(n_rows):
-        for e in range(row_ptr[r], row_ptr[r + 1]):
-            c = col_idx[e]
-            out[o_ci + e] = c
-            out[o_br + e] = r
-            q = nxt[c]
-            nxt[c] = q + 1
-            out[o_ri + q] = r
-            out[o_pm + q] = e
+    for t in prange(n_parts):
+        nxt = counts[t]
+        for r in range(bounds[t], bounds[t + 1]):
+            for e in range(row_ptr[r], row_ptr[r + 1]):
+                c = col_idx[e]
+                out[o_ci + e] = c
+                out[o_br + e] = r
+                q = nxt[c]
+                nxt[c] = q + 1
+                out[o_ri + q] = r
+                out[o_pm + q] = e
 
 
 @njit(cache=True)
