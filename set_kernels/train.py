@@ -299,15 +299,17 @@ def _epoch(model, opt, evo, x_train, y_train, batch: int, order, evaluate) -> di
     t0 = time.perf_counter()
     n, steps = len(x_train), -(-len(x_train) // batch)
     loss_sum, correct, changed = 0.0, 0, False
+    # the epoch's order gathered once: each batch is then a contiguous view (two gathers a step
+    # cost about 40 us, 2 % of a width-1000 sparse step)
+    x_order, y_order = x_train[order], y_train[order]
     for s in range(steps):
-        idx = order[s * batch:(s + 1) * batch]
-        xb, yb = x_train[idx], y_train[idx]
+        xb, yb = x_order[s * batch:(s + 1) * batch], y_order[s * batch:(s + 1) * batch]
         logits = model(xb)
         loss = torch.nn.functional.cross_entropy(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += float(loss.detach()) * len(idx)
+        loss_sum += float(loss.detach()) * len(yb)
         correct += int((logits.argmax(-1) == yb).sum())
         if s == steps - 1:
             t1 = time.perf_counter()
