@@ -72,7 +72,7 @@ class BlockSparseLayout:
         if kernels is not None:  # the same index in one O(nnz + R + C) pass, no sort
             self.index = torch.empty(n_rows + n_cols + 2 + 4 * nnz, dtype=torch.int32)
             kernels.pack_index(row_ptr.contiguous().numpy(), col_idx.contiguous().numpy(), n_cols,
-                               self.index.numpy())
+                               self.index.numpy(), torch.get_num_threads())
             return
         counts = row_ptr[1:] - row_ptr[:-1]
         block_row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts, output_size=nnz)

@@ -12,7 +12,6 @@ is non-decreasing and ends at ``nnz``; ``col_idx`` is in ``[0, C)`` and ascendin
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads as numba_threads
 from numba import njit, prange
 
 
@@ -22,9 +21,10 @@ PACK_ENTRIES_PER_COLUMN = 4
 
 
 @njit(parallel=True, cache=True)
-def pack_index(row_ptr, col_idx, n_cols, out):
+def pack_index(row_ptr, col_idx, n_cols, out, n_threads):
     """Write ``(row_ptr, col_idx, block_row, col_ptr, row_idx, perm)`` into ``out`` (int32, of
-    length ``(R + 1) + (C + 1) + 4 * nnz``); ``row_ptr (R + 1,)`` and ``col_idx (nnz,)`` int64.
+    length ``(R + 1) + (C + 1) + 4 * nnz``); ``row_ptr (R + 1,)`` and ``col_idx (nnz,)`` int64;
+    ``n_threads``: the most row parts to use.
 
     The CSC order is a counting sort of the columns that visits the entries in CSR order, so it is
     stable: within a column, rows ascend (what ``torch.sort(col_idx, stable=True)`` gives). In
@@ -40,7 +40,7 @@ def pack_index(row_ptr, col_idx, n_cols, out):
     o_cp = o_br + nnz
     o_ri = o_cp + n_cols + 1
     o_pm = o_ri + nnz
-    n_parts = max(1, min(numba_threads(), nnz // (PACK_ENTRIES_PER_COLUMN * (n_cols + 1))))
+    n_parts = max(1, min(n_threads, nnz // (PACK_ENTRIES_PER_COLUMN * (n_cols + 1))))
     # rows of each part: about nnz / n_parts entries each
     bounds = np.empty(n_parts + 1, dtype=np.int64)
     bounds[0] = 0
