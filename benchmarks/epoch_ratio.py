@@ -16,7 +16,8 @@ over rounds of each round's ``dense / config`` ratio.
 An epoch is exactly what ``set-kernels train`` times (``set_kernels.train._epoch``): the training
 steps plus the SET topology update at the end of the epoch, without evaluation; the models,
 optimizers, data (``--train-samples`` Fashion-MNIST images, batch 40) and SET settings are those
-of ``set-kernels train`` with ``--hidden W,W,W`` and the configuration's flags. The first round
+of ``set-kernels train`` with ``--hidden W,W,W`` and the configuration's flags, and so is the
+process's allocator setting (:func:`set_kernels.cli.keep_freed_memory`). The first round
 (compilation, first touch of memory) is not counted. Results: ``--out`` (default
 ``benchmarks/results/<cpu>/epoch_ratio/``), ``w<W>.json`` and ``w<W>.md``.
 """
@@ -53,8 +54,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from set_kernels import train
+    from set_kernels import cli, train
 
+    cli.keep_freed_memory()  # the allocator setting of a `set-kernels train` process
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     W = args.width

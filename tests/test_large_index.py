@@ -176,11 +176,12 @@ def _numba_signatures():
         (spmm._sddmm_t, (arr(f32, 2), arr(f32, 2), i64, idx, idx, arr(f32, 1), i64)),
         (spmm._backward_t, (arr(f32, 2), arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, arr(f32, 2), arr(f32, 1),
                             i64)),
+        (spmm._spmm_long, (arr(f32, 2), i64, arr(f32, 1), idx, idx, arr(f32, 1), boolean, arr(f32, 2), i64, i64)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
-                                                "transpose", "spmm_t", "sddmm_t", "backward_t"])
+@pytest.mark.parametrize("case", range(10), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
+                                                 "transpose", "spmm_t", "sddmm_t", "backward_t", "spmm_long"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]
     narrow = _narrow_integer_values(fn.py_func, sig)
