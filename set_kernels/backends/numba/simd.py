@@ -16,6 +16,10 @@ Contract (the callers in :mod:`.spmm` keep it; nothing is checked here, as in an
 * index arrays are 1-D integer arrays (any width), values 1-D, all of one float dtype;
 * every index read is in range (the ops check the layout once per index tensor).
 
+**Editing this file:** numba's compile cache keys a kernel on its own source file, so the
+kernels of :mod:`.spmm` that inline these intrinsics are not recompiled when only this file
+changes: touch ``spmm.py`` (or clear :func:`set_kernels.backends.numba.cache_dir`) as well.
+
 Prefetching (``pf``): at large widths every gathered row is a cache miss, so the rows of the
 entry ``ahead`` positions on (clamped at ``last``) are requested while the current one is summed,
 through LLVM's prefetch hint; below that size the hints cost more than they save.
@@ -113,6 +117,35 @@ class _Gen:
             dot = self.fma(d, x, dot)
         return dot
 
+    def per_nv(self, nv, name, body):
+        """A switch on ``nv``: ``body(n)`` emits the code for ``n`` vectors, ``1 <= n <= NV_MAX``
+        (other values do nothing)."""
+        b = self.b
+        end = b.append_basic_block(f"{name}.end")
+        switch = b.switch(nv, end)
+        for n in range(1, NV_MAX + 1):
+            block = b.append_basic_block(f"{name}.nv{n}")
+            switch.add_case(ir.Constant(_I64, n), block)
+            b.position_at_end(block)
+            body(n)
+            b.branch(end)
+        b.position_at_end(end)
+
+    def even_odd(self, e0, e1, entry, even, odd):
+        """``entry(e, accs)`` for ``e0 <= e < e1`` in order, ``accs`` alternating ``even``,
+        ``odd`` (two accumulator sets halve the FMA dependency chain); returns their sums."""
+        b = self.b
+        two = ir.Constant(_I64, 2)
+        count = b.sub(e1, e0)
+        pairs = b.sdiv(count, two)
+        with cgutils.for_range(b, pairs) as loop:
+            e = b.add(e0, b.mul(loop.index, two))
+            entry(e, even)
+            entry(b.add(e, ir.Constant(_I64, 1)), odd)
+        with b.if_then(b.icmp_signed("!=", b.mul(pairs, two), count)):
+            entry(b.sub(e1, ir.Constant(_I64, 1)), even)
+        return [b.fadd(b.load(x), b.load(y)) for x, y in zip(even, odd)]
+
     def clamp(self, e, ahead, last):
         f = self.b.add(e, ahead)
         return self.b.select(self.b.icmp_signed("<", f, last), f, last)
@@ -152,43 +185,25 @@ def row_accumulate(typingctx, tile, aT, idx, v, perm, use_perm, e0, e1, t0, nv, 
         def row(e):
             return builder.gep(A.data, [builder.add(builder.mul(g.index(Iw, st[2], e), rs), t0_)])
 
-        def prefetch(e, n):
-            f = g.clamp(e, ahead_, last_)
-            base = row(f)
-            for k in range(n):
-                _prefetch(builder, builder.gep(base, [ir.Constant(_I64, k * g.VL)]))
-            with builder.if_then(use_perm_):
-                _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[4], f)]))
+        def body(n):
+            def entry(e, accs):
+                with builder.if_then(pf_, likely=False):
+                    f = g.clamp(e, ahead_, last_)
+                    base = row(f)
+                    for k in range(n):
+                        _prefetch(builder, builder.gep(base, [ir.Constant(_I64, k * g.VL)]))
+                    with builder.if_then(use_perm_):
+                        _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[4], f)]))
+                w, base = weight(e), row(e)
+                for k in range(n):
+                    builder.store(g.fma(w, g.vload(base, k), builder.load(accs[k])), accs[k])
 
-        def add_entry(e, accs, n):
-            w, base = weight(e), row(e)
-            for k in range(n):
-                builder.store(g.fma(w, g.vload(base, k), builder.load(accs[k])), accs[k])
-
-        end = builder.append_basic_block("acc.end")
-        switch = builder.switch(nv_, end)
-        for n in range(1, NV_MAX + 1):
-            block = builder.append_basic_block(f"acc.nv{n}")
-            switch.add_case(ir.Constant(_I64, n), block)
-            builder.position_at_end(block)
             even = [cgutils.alloca_once_value(builder, init_vec) for _ in range(n)]
             odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
-            count = builder.sub(e1_, e0_)
-            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
-            with cgutils.for_range(builder, pairs) as loop:
-                e = builder.add(e0_, builder.mul(loop.index, ir.Constant(_I64, 2)))
-                e_next = builder.add(e, ir.Constant(_I64, 1))
-                with builder.if_then(pf_, likely=False):
-                    prefetch(e, n)
-                    prefetch(e_next, n)
-                add_entry(e, even, n)
-                add_entry(e_next, odd, n)
-            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(_I64, 2)), count)):
-                add_entry(builder.sub(e1_, ir.Constant(_I64, 1)), even, n)
-            for k in range(n):
-                g.vstore(builder.fadd(builder.load(even[k]), builder.load(odd[k])), T.data, k)
-            builder.branch(end)
-        builder.position_at_end(end)
+            for k, acc in enumerate(g.even_odd(e0_, e1_, entry, even, odd)):
+                g.vstore(acc, T.data, k)
+
+        g.per_nv(nv_, "acc", body)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -286,15 +301,8 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
         def drow(e):
             return builder.gep(D.data, [builder.add(builder.mul(g.index(Iw, st[4], e), rs_d), t0_)])
 
-        end = builder.append_basic_block("col.end")
-        switch = builder.switch(nv_, end)
-        for n in range(1, NV_MAX + 1):
-            block = builder.append_basic_block(f"col.nv{n}")
-            switch.add_case(ir.Constant(_I64, n), block)
-            builder.position_at_end(block)
+        def body(n):
             xs = [g.vload(xrow, k) for k in range(n)]
-            even = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
-            odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
 
             def entry(e, accs):
                 with builder.if_then(pf_, likely=False):
@@ -317,19 +325,12 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
                     with otherwise:
                         builder.store(builder.fadd(builder.load(slot), s), slot)
 
-            count = builder.sub(e1_, e0_)
-            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
-            with cgutils.for_range(builder, pairs) as loop:
-                e = builder.add(e0_, builder.mul(loop.index, ir.Constant(_I64, 2)))
-                entry(e, even)
-                entry(builder.add(e, ir.Constant(_I64, 1)), odd)
-            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(_I64, 2)), count)):
-                entry(builder.sub(e1_, ir.Constant(_I64, 1)), even)
-            accs = [builder.fadd(builder.load(a), builder.load(b)) for a, b in zip(even, odd)]
-            for k in range(n):
-                g.vstore(accs[k], T.data, k)
-            builder.branch(end)
-        builder.position_at_end(end)
+            even = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
+            odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
+            for k, acc in enumerate(g.even_odd(e0_, e1_, entry, even, odd)):
+                g.vstore(acc, T.data, k)
+
+        g.per_nv(nv_, "col", body)
         return context.get_dummy_value()
 
     return sig, codegen
