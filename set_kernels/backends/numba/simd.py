@@ -131,10 +131,13 @@ class _Gen:
             b.branch(end)
         b.position_at_end(end)
 
-    def even_odd(self, e0, e1, entry, even, odd):
-        """``entry(e, accs)`` for ``e0 <= e < e1`` in order, ``accs`` alternating ``even``,
-        ``odd`` (two accumulator sets halve the FMA dependency chain); returns their sums."""
+    def row_sums(self, n, init, e0, e1, entry, out):
+        """``entry(e, accs)`` for ``e0 <= e < e1`` in order, ``accs`` alternating between two sets
+        of ``n`` vector accumulators (even and odd entries: half the FMA dependency chain; the
+        even set starts at the vector ``init``, the odd at 0); stores their sums to ``out[:n*VL]``."""
         b = self.b
+        even = [cgutils.alloca_once_value(b, init) for _ in range(n)]
+        odd = [cgutils.alloca_once_value(b, self.zero) for _ in range(n)]
         two = ir.Constant(_I64, 2)
         count = b.sub(e1, e0)
         pairs = b.sdiv(count, two)
@@ -144,7 +147,13 @@ class _Gen:
             entry(b.add(e, ir.Constant(_I64, 1)), odd)
         with b.if_then(b.icmp_signed("!=", b.mul(pairs, two), count)):
             entry(b.sub(e1, ir.Constant(_I64, 1)), even)
-        return [b.fadd(b.load(x), b.load(y)) for x, y in zip(even, odd)]
+        for k, (x, y) in enumerate(zip(even, odd)):
+            self.vstore(b.fadd(b.load(x), b.load(y)), out, k)
+
+    def prefetch_vectors(self, base, n) -> None:
+        """Prefetch the ``n`` vectors (cache lines) from ``base``."""
+        for k in range(n):
+            _prefetch(self.b, self.b.gep(base, [ir.Constant(_I64, k * self.VL)]))
 
     def clamp(self, e, ahead, last):
         f = self.b.add(e, ahead)
@@ -189,19 +198,14 @@ def row_accumulate(typingctx, tile, aT, idx, v, perm, use_perm, e0, e1, t0, nv, 
             def entry(e, accs):
                 with builder.if_then(pf_, likely=False):
                     f = g.clamp(e, ahead_, last_)
-                    base = row(f)
-                    for k in range(n):
-                        _prefetch(builder, builder.gep(base, [ir.Constant(_I64, k * g.VL)]))
+                    g.prefetch_vectors(row(f), n)
                     with builder.if_then(use_perm_):
                         _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[4], f)]))
                 w, base = weight(e), row(e)
                 for k in range(n):
                     builder.store(g.fma(w, g.vload(base, k), builder.load(accs[k])), accs[k])
 
-            even = [cgutils.alloca_once_value(builder, init_vec) for _ in range(n)]
-            odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
-            for k, acc in enumerate(g.even_odd(e0_, e1_, entry, even, odd)):
-                g.vstore(acc, T.data, k)
+            g.row_sums(n, init_vec, e0_, e1_, entry, T.data)
 
         g.per_nv(nv_, "acc", body)
         return context.get_dummy_value()
@@ -307,9 +311,7 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
             def entry(e, accs):
                 with builder.if_then(pf_, likely=False):
                     f = g.clamp(e, ahead_, last_)
-                    base = drow(f)
-                    for k in range(n):
-                        _prefetch(builder, builder.gep(base, [ir.Constant(_I64, k * g.VL)]))
+                    g.prefetch_vectors(drow(f), n)
                     _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[6], f)]))
                 p = g.index(Pw, st[6], e)
                 w = g.splat(builder.load(builder.gep(Vw.data, [p])))
@@ -325,10 +327,7 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
                     with otherwise:
                         builder.store(builder.fadd(builder.load(slot), s), slot)
 
-            even = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
-            odd = [cgutils.alloca_once_value(builder, g.zero) for _ in range(n)]
-            for k, acc in enumerate(g.even_odd(e0_, e1_, entry, even, odd)):
-                g.vstore(acc, T.data, k)
+            g.row_sums(n, g.zero, e0_, e1_, entry, T.data)
 
         g.per_nv(nv_, "col", body)
         return context.get_dummy_value()

@@ -83,6 +83,26 @@ def padded_tokens(M: int, itemsize: int) -> int:
     return -(-M // vl) * vl
 
 
+@njit(inline="always")
+def _work_item(w, n_tiles, TM, M, RC, n_out):
+    """``(t0, tn, o0, rc)`` of work item ``w`` of the forward / dX kernels: tokens ``t0:t0 + tn``
+    of token tile ``w % n_tiles``, output features ``o0:o0 + rc`` of chunk ``w // n_tiles``."""
+    oc = w // n_tiles
+    t0 = np.int64(w - oc * n_tiles) * TM
+    o0 = oc * RC
+    return t0, min(TM, M - t0), o0, min(RC, n_out - o0)
+
+
+@njit(inline="always")
+def _store_tile(tile, out, t0, tn, o0, rc):
+    """``out[t0 + t, o0 + i] = tile[i, t]`` for ``t < tn``, ``i < rc``: a kernel's ``(rc, tn)``
+    token-major tile written into the row-major output as ``rc``-wide row segments."""
+    for t in range(tn):
+        dst = out[t0 + t, o0:o0 + rc]
+        for i in range(rc):
+            dst[i] = tile[i, t]
+
+
 @njit(**_FLAGS)
 def transpose(a, out):
     """``out[:, :M] = a (M, n).T`` and ``out[:, M:] = 0``, for ``out (n, Mp)`` with ``Mp >= M``.
@@ -155,21 +175,14 @@ def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC):
     for blk in prange(n_blocks):
         tile = np.empty((RC, TM), dtype=v.dtype)
         for w in range(blk * n_items // n_blocks, (blk + 1) * n_items // n_blocks):
-            oc = w // n_tiles
-            t0 = np.int64(w - oc * n_tiles) * TM
-            tn = min(TM, M - t0)
+            t0, tn, o0, rc = _work_item(w, n_tiles, TM, M, RC, n_out)
             nv = (tn + VL - 1) // VL
-            o0 = oc * RC
-            rc = min(RC, n_out - o0)
             for i in range(rc):
                 o = o0 + i
                 b0 = bias[o] if has_bias else zero
                 row_accumulate(tile[i], aT, idx, v, perm, use_perm, np.int64(ptr[o]), np.int64(ptr[o + 1]), t0,
                                np.int64(nv), b0, pf, last, ahead)
-            for t in range(tn):
-                dst = out[t0 + t, o0:o0 + rc]
-                for i in range(rc):
-                    dst[i] = tile[i, t]
+            _store_tile(tile, out, t0, tn, o0, rc)
 
 
 @njit(**_SERIAL)
@@ -200,11 +213,7 @@ def _spmm_long(aT, M, v, ptr, idx, bias, has_bias, out, TM, RC):
     for blk in prange(n_blocks):
         tile = np.empty((RC, TM), dtype=v.dtype)
         for w in range(blk * n_items // n_blocks, (blk + 1) * n_items // n_blocks):
-            oc = w // n_tiles
-            t0 = np.int64(w - oc * n_tiles) * TM
-            tn = min(TM, M - t0)
-            o0 = oc * RC
-            rc = min(RC, n_out - o0)
+            t0, tn, o0, rc = _work_item(w, n_tiles, TM, M, RC, n_out)
             for i in range(rc):
                 o = o0 + i
                 acc = tile[i, :tn]
@@ -234,10 +243,7 @@ def _spmm_long(aT, M, v, ptr, idx, bias, has_bias, out, TM, RC):
                     for t in range(tn):
                         acc[t] += w0 * x0[t]
                     e += 1
-            for t in range(tn):
-                dst = out[t0 + t, o0:o0 + rc]
-                for i in range(rc):
-                    dst[i] = tile[i, t]
+            _store_tile(tile, out, t0, tn, o0, rc)
 
 
 @njit(**_SERIAL)
@@ -294,10 +300,7 @@ def _backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, RC):
                     c = np.int64(c0 + i)
                     column_grads(tile[i], dyT, xT, c, row_idx, v, perm, dv, np.int64(col_ptr[c]),
                                  np.int64(col_ptr[c + 1]), t0, np.int64(nv), tt == 0, pf, last, ahead)
-                for t in range(tn):
-                    dst = dx[t0 + t, c0:c0 + rc]
-                    for i in range(rc):
-                        dst[i] = tile[i, t]
+                _store_tile(tile, dx, t0, tn, c0, rc)
 
 
 @njit(**_EXACT)
