@@ -164,7 +164,10 @@ class BlockSparseLayout:
 
     @classmethod
     def _from_flat(cls, flat: torch.Tensor, shape, block_size: int):
-        """From sorted flat block indices ``r * C + c``."""
+        """From sorted, distinct flat block indices ``r * C + c`` in ``[0, R * C)`` (trusted: the
+        packed index is recorded as checked, see ``ops._library.trust_index``)."""
+        from .ops import _library
+
         n_rows, n_cols = _ceil_div(shape[0], block_size), _ceil_div(shape[1], block_size)
         flat = flat.to(torch.int64)
         kernels = _cpu_index_kernels(flat)
@@ -172,11 +175,13 @@ class BlockSparseLayout:
             row_ptr = torch.empty(n_rows + 1, dtype=torch.int64)
             col_idx = torch.empty(flat.numel(), dtype=torch.int64)
             kernels.csr_from_flat(flat.contiguous().numpy(), n_cols, row_ptr.numpy(), col_idx.numpy())
-            return cls(row_ptr, col_idx, shape, block_size)
-        col_idx = torch.remainder(flat, n_cols)
-        # Device-side (no host sync): row r starts at the first flat index >= r * C.
-        row_ptr = torch.searchsorted(flat, torch.arange(n_rows + 1, device=flat.device) * n_cols)
-        return cls(row_ptr, col_idx, shape, block_size)
+        else:
+            col_idx = torch.remainder(flat, n_cols)
+            # Device-side (no host sync): row r starts at the first flat index >= r * C.
+            row_ptr = torch.searchsorted(flat, torch.arange(n_rows + 1, device=flat.device) * n_cols)
+        out = cls(row_ptr, col_idx, shape, block_size)
+        _library.trust_index(out.index, out.shape[0], out.shape[1], block_size)
+        return out
 
     # ----------------------------------------------------------------- properties
     @property

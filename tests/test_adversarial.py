@@ -223,6 +223,23 @@ def test_index_check_is_cached_but_sees_in_place_edits():
         sk.ops.block_sparse_linear(x, values, layout)
 
 
+def test_library_built_layouts_are_trusted_until_edited():
+    """Layouts the library builds from known-valid positions (random, SET updates: _from_flat)
+    are recorded as checked without a read; an in-place edit afterwards is still caught."""
+    from set_kernels.ops import _library
+
+    layout = BSL.random(40, 30, 1, 0.3, generator=gen(1))
+    key = id(layout.index)
+    assert key in _library._CHECKED and _library.checked_nnz(layout.index, 40, 30, 1) == layout.nnz_blocks
+    assert _library.checked_nnz(layout.index, 40, 31, 1) is None  # another grid: not vouched for
+    x = randn(3, 30, seed=1)
+    sk.ops.block_sparse_linear(x, randn(layout.nnz_blocks, 1, 1, seed=2), layout)
+    layout.index[layout.grid[0] + 1] = 99  # col_idx[0]
+    assert _library.checked_nnz(layout.index, 40, 30, 1) is None
+    with pytest.raises(ValueError, match="col_idx < C"):
+        sk.ops.block_sparse_linear(x, randn(layout.nnz_blocks, 1, 1, seed=2), layout)
+
+
 def test_index_check_cache_lets_dropped_indices_go():
     """The cache of checked indices holds no dropped index (nor its memory): SET drops layouts at
     every update, and a cache that kept them grew by the size of every dropped index."""

@@ -308,6 +308,57 @@ def test_numba_merge_draws_and_select_sorted():
             assert torch.equal(sel, torch.sort(ref[keep]).values)
 
 
+def test_numba_sort_positions_is_a_sort():
+    """The radix sort of SET's draws against np.sort: below and above its np.sort cut-off, keys
+    of 1 to 62 bits (one to six radix passes), repeats, all equal, sorted and reversed input;
+    the input is left as it was."""
+    np = pytest.importorskip("numpy")
+    from set_kernels.backends import numba as nb
+
+    kernels = nb.index_kernels()
+    if kernels is None:
+        pytest.skip(nb.availability()[1])
+    rng = np.random.default_rng(11)
+    m = kernels.RADIX_MIN
+    cases = [np.zeros(0, np.int64), np.array([5], np.int64), rng.integers(0, 100, m - 1),
+             rng.integers(0, 2, 3 * m), np.full(2 * m, 7, np.int64), np.zeros(m, np.int64)]
+    for bits in (1, 11, 12, 22, 23, 40, 62):
+        cases.append(rng.integers(0, 1 << bits, 5000, dtype=np.int64))
+    cases += [np.arange(3000, dtype=np.int64), np.arange(3000, dtype=np.int64)[::-1].copy()]
+    for a in cases:
+        before = a.copy()
+        got = kernels.sort_positions(a)
+        np.testing.assert_array_equal(got, np.sort(a))
+        np.testing.assert_array_equal(a, before)
+
+
+def test_numba_gather_or_zero_and_flat_positions():
+    """SET's permutation kernel against its torch definition (``index_select`` then zero the fresh
+    rows), on raw bits of several dtypes and row widths, outputs poisoned first; and the live
+    positions ``block_row * C + col_idx`` in int64 (past 2**31)."""
+    from set_kernels.backends import numba as nb
+
+    kernels = nb.index_kernels()
+    if kernels is None:
+        pytest.skip(nb.availability()[1])
+    g = gen(5)
+    for n, m, dtype in [(1, 1, torch.float32), (37, 1, torch.float64), (20_000, 1, torch.float32),
+                        (300, 256, torch.bfloat16), (0, 4, torch.float32)]:
+        src = torch.randn(n, m, generator=g).to(dtype)
+        order = torch.randperm(n, generator=g)
+        fresh = torch.rand(n, generator=g) < 0.3
+        ref = src.index_select(0, order).masked_fill_(fresh.view(-1, 1), 0)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[src.element_size()]
+        out = torch.full_like(src, float("nan"))
+        kernels.gather_or_zero(src.view(bits).numpy(), order.numpy(), fresh.numpy(), out.view(bits).numpy())
+        assert torch.equal(out, ref), (n, m, dtype)
+    row = torch.tensor([0, 3, 70_000], dtype=torch.int32)
+    col = torch.tensor([5, 0, 69_999], dtype=torch.int32)
+    flat = torch.full((3,), -1, dtype=torch.int64)
+    kernels.flat_positions(row.numpy(), col.numpy(), 70_000, flat.numpy())
+    assert flat.tolist() == [5, 3 * 70_000, 70_000 * 70_000 + 69_999]
+
+
 def test_numba_scratch_from_huge_page_mappings(monkeypatch):
     """Scratch buffers from HUGE_PAGE_MIN_BYTES up come from an anonymous mapping (huge pages
     advised): writable, 64-byte aligned, and the element ops through them still match float64."""

@@ -102,6 +102,7 @@ def clear_cache() -> None:
     """Forget the cached availability of every backend (after patching or installing one)."""
     _reasons.cache_clear()
     _resolve_cached.cache_clear()
+    _resolve_auto.cache_clear()
 
 
 _selected = threading.local()
@@ -136,12 +137,27 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, block_size: int | 
 
     Called by the ops' device kernels on every call; cached, so it costs a dict lookup.
     """
-    return _resolve_cached(selected(), os.environ.get(ENV_VAR, ""), op, device.type, dtype, block_size)
+    return _resolve_auto(selected(), os.environ.get(ENV_VAR, ""), op, device.type, dtype, block_size)
+
+
+def resolve_named(backend: str, op: str, device: torch.device, dtype: torch.dtype, block_size: int | None = None) -> str:
+    """:func:`resolve` for a backend named explicitly (neither None nor "auto"), cached: a named
+    backend does not depend on :func:`use` or ``$SET_KERNELS_BACKEND``."""
+    if not isinstance(backend, str):
+        return resolve(backend, op, device, dtype, block_size)  # raises, naming the argument
+    return _resolve_cached(backend, "", op, device.type, dtype, block_size)
 
 
 @functools.lru_cache(maxsize=None)
 def _resolve_cached(backend, env, op, device_type, dtype, block_size) -> str:
     return resolve(backend, op, torch.device(device_type), dtype, block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_auto(selected_name, env, op, device_type, dtype, block_size) -> str:
+    # resolve(None) reads the use() block and $SET_KERNELS_BACKEND itself (both are in the key),
+    # so that its errors name where the choice came from
+    return resolve(None, op, torch.device(device_type), dtype, block_size)
 
 
 def resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_size: int | None = None) -> str:

@@ -73,6 +73,8 @@ PRUNE = ("magnitude", "set")
 SCHEDULES = ("constant", "cosine")
 _STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
+# Integer dtypes that carry a float tensor's raw bits, by element size (for permutations).
+_RAW_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Entries of the dense gradient formed at once by a SparseLinear gradient-regrow update (64 MiB fp32).
 GRAD_CHUNK_ELEMS = 1 << 24
 
@@ -288,7 +290,12 @@ class SET:
         if k <= 0:
             return False
         device = values.device
-        flat = layout.block_row.long() * n_cols + layout.col_idx.long()
+        kernels = _cpu_index_kernels(values.detach(), layout.index)
+        if kernels is not None:
+            flat = torch.empty(nnz, dtype=torch.int64)
+            kernels.flat_positions(layout.block_row.numpy(), layout.col_idx.numpy(), n_cols, flat.numpy())
+        else:
+            flat = layout.block_row.long() * n_cols + layout.col_idx.long()
         v = values.detach().float()
         # 1. prune
         if self.prune == "magnitude":
@@ -307,7 +314,6 @@ class SET:
             grow[flat] = -math.inf
             grow_flat = torch.topk(grow, k, sorted=False).indices
         # 3. new CSR order: replace the pruned slots, sort, and permute values + state in place.
-        kernels = _cpu_index_kernels(flat, prune_idx, grow_flat)
         if kernels is not None:  # CPU: a merge of the sorted kept and regrown positions, no full sort
             sorted_flat = torch.empty(nnz, dtype=torch.int64)
             order = torch.empty(nnz, dtype=torch.int64)
@@ -323,11 +329,21 @@ class SET:
             fresh[prune_idx] = True
             fresh = fresh[order].view(nnz, 1, 1)
         new_layout = BlockSparseLayout._from_flat(sorted_flat, layout.shape, layout.block_size)
-        layer.set_layout(new_layout, values.index_select(0, order).masked_fill_(fresh, 0))
+
+        def permuted(t):  # t in the new order, regrown entries 0
+            if kernels is None or t.device.type != "cpu" or not t.is_contiguous():
+                return t.index_select(0, order).masked_fill_(fresh, 0)
+            out = torch.empty_like(t)
+            bits = _RAW_BITS[t.element_size()]  # the permutation moves bits: any dtype
+            kernels.gather_or_zero(t.view(bits).view(nnz, -1).numpy(), order.numpy(), fresh.view(-1).numpy(),
+                                   out.view(bits).view(nnz, -1).numpy())
+            return out
+
+        layer.set_layout(new_layout, permuted(values.detach()))
         for t in self._state_tensors(values):
-            t.copy_(t.index_select(0, order).masked_fill_(fresh, 0))
+            t.copy_(permuted(t))
         if values.grad is not None and values.grad.shape == values.shape:
-            values.grad.copy_(values.grad.index_select(0, order).masked_fill_(fresh, 0))
+            values.grad.copy_(permuted(values.grad))
         return True
 
     @staticmethod

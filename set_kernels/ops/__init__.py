@@ -22,8 +22,11 @@ __all__ = ["block_sparse_linear", "to_dense", "from_dense", "masked_adam_"]
 def _check_layout(layout) -> BlockSparseLayout:
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout: expected a BlockSparseLayout, got {type(layout).__name__}")
-    # O(1): the packed index must fit the layout's grid (the ops check its contents once).
-    nnz = _library.check_index_structure(layout.index, *layout.shape, layout.block_size)
+    # O(1): the packed index must fit the layout's grid (the ops check its contents once, and an
+    # index already checked for this grid fits it: a dict lookup instead).
+    nnz = _library.checked_nnz(layout.index, *layout.shape, layout.block_size)
+    if nnz is None:
+        nnz = _library.check_index_structure(layout.index, *layout.shape, layout.block_size)
     if nnz != layout.nnz_blocks:
         raise ValueError(f"layout: its index holds {nnz} blocks but nnz_blocks is {layout.nnz_blocks}")
     return layout
@@ -86,7 +89,9 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
         check_tensor("bias", bias, floating=True)
         if tuple(bias.shape) != (rows,):
             raise ValueError(f"bias: expected shape ({rows},), got {tuple(bias.shape)}")
-    device = check_same_device(x=x, values=values, bias=bias, layout=layout.index)
+    device = x.device
+    if values.device != device or layout.index.device != device or (bias is not None and bias.device != device):
+        check_same_device(x=x, values=values, bias=bias, layout=layout.index)  # raises, naming the tensor
     cast = _autocast_dtype(device)
     if cast is not None:
         # Autocast, like F.linear: fp16/bf16/fp32 operands are cast to the autocast dtype (fp64
@@ -99,8 +104,8 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
     name = _library.resolve(backend, "linear_forward", device, x.dtype, layout.block_size)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, cols).contiguous()
+    flat = x.dim() == 2
+    x2 = x.contiguous() if flat else x.reshape(-1, cols).contiguous()
     values = values.contiguous()
     args = (x2, values, layout.index, bias, rows, cols, layout.block_size)
     if _library.plain_eager(x2, values, bias):
@@ -111,7 +116,7 @@ def block_sparse_linear(x, values, layout, bias=None, *, backend=None) -> torch.
     else:
         with backends.use(backend):
             y = _library.linear_forward(*args)
-    return y.reshape(*lead, rows)
+    return y if flat else y.reshape(*x.shape[:-1], rows)
 
 
 def to_dense(values, layout) -> torch.Tensor:

@@ -113,13 +113,36 @@ def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> tuple:
         failed = [n for n, good in zip(names, ok.tolist()) if not good]
         raise ValueError(f"index: not a valid layout index for a {n_rows} x {n_cols} block grid with nnz={nnz} "
                          f"(failed: {', '.join(failed)}); build layouts with BlockSparseLayout.from_csr")
+    return _remember(index, key)
+
+
+def _remember(index: Tensor, key: tuple) -> tuple:
     if len(_CHECKED) > 4096:
         _CHECKED.clear()
     # views of a detached alias: a view of ``index`` itself would keep it alive (its ``_base``),
     # and with it this entry
-    parts = split_index(index.detach(), rows, cols, block_size)
+    parts = split_index(index.detach(), *key)
     _CHECKED[id(index)] = (weakref.ref(index, _forget(id(index))), index._version, key, parts)
     return parts
+
+
+def trust_index(index: Tensor, rows: int, cols: int, block_size: int) -> None:
+    """Record ``index`` as checked for this grid without reading it: for indices the library has
+    just built from positions it knows are valid (sorted, distinct, in range), such as the layout
+    of every SET update, whose check would otherwise cost the next forward pass a dozen
+    reductions. An in-place edit afterwards is still caught (the version changes)."""
+    check_index_structure(index, rows, cols, block_size)
+    if index.device.type != "meta":
+        _remember(index, (rows, cols, block_size))
+
+
+def checked_nnz(index: Tensor, rows: int, cols: int, block_size: int):
+    """``nnz`` of an index :func:`check_index` has already checked for this grid (unchanged since),
+    else None: a dict lookup that stands in for :func:`check_index_structure`."""
+    hit = _CHECKED.get(id(index))
+    if hit is not None and hit[0]() is index and hit[1] == index._version and hit[2] == (rows, cols, block_size):
+        return hit[3][1].shape[0]
+    return None
 
 
 _ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": TypeError}
@@ -147,6 +170,11 @@ def resolve(backend, op: str, device: torch.device, dtype: torch.dtype, block_si
     When tracing, a ``backend`` named explicitly is checked but not recorded: the traced op picks
     its backend when the graph runs, and a warning says so once when that pick would differ.
     """
+    if not torch.compiler.is_compiling():
+        # eager: the cached resolution (the same rules; a failed one is not cached and raises)
+        if backend is None or backend == "auto":
+            return backends.choose(op, device, dtype, block_size)
+        return backends.resolve_named(backend, op, device, dtype, block_size)
     name, error = _resolve_or_error(backend, op, device, dtype, block_size)
     if error:
         raise _ERRORS[name](error)

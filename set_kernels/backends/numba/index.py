@@ -100,6 +100,75 @@ def csr_from_flat(flat, n_cols, row_ptr, col_idx):
         row_ptr[r] = nnz
 
 
+# Bits per digit of sort_positions' radix passes (2,048 counters: they stay in L1).
+RADIX_BITS = 11
+# Below this many keys sort_positions uses np.sort.
+RADIX_MIN = 256
+
+
+@njit(cache=True)
+def sort_positions(a):
+    """``np.sort(a)`` for non-negative int64 keys ``a`` (a new array): an LSD radix sort in
+    ``RADIX_BITS``-bit digits, as many passes as the largest key needs (2 for keys below 2**22,
+    the positions of a 2,048 x 2,048 layer; 4 for a 1,000,000 x 1,000,000 one). O(n) per pass;
+    numba's ``np.sort`` (a quicksort) was most of a SET update's draw merge (480 us of 8,700
+    keys at width 1,000)."""
+    n = a.shape[0]
+    if n < RADIX_MIN:
+        return np.sort(a)
+    top = a.max()
+    bits = 0
+    while bits < 63 and (top >> bits) > 0:
+        bits += 1
+    radix = 1 << RADIX_BITS
+    mask = radix - 1
+    src = a.copy()
+    dst = np.empty_like(src)
+    count = np.empty(radix, dtype=np.int64)
+    for shift in range(0, bits, RADIX_BITS):
+        count[:] = 0
+        for i in range(n):
+            count[(src[i] >> shift) & mask] += 1
+        total = 0
+        for d in range(radix):
+            c = count[d]
+            count[d] = total
+            total += c
+        for i in range(n):
+            key = src[i]
+            d = (key >> shift) & mask
+            dst[count[d]] = key
+            count[d] += 1
+        src, dst = dst, src
+    return src
+
+
+@njit(parallel=True, cache=True)
+def flat_positions(block_row, col_idx, n_cols, out):
+    """``out[e] = block_row[e] * n_cols + col_idx[e]`` in int64 (the live positions in CSR order)."""
+    for e in prange(out.shape[0]):
+        out[e] = np.int64(block_row[e]) * n_cols + col_idx[e]
+
+
+@njit(parallel=True, cache=True)
+def gather_or_zero(src, order, fresh, out):
+    """``out[p, :] = 0 if fresh[p] else src[order[p], :]`` for ``src, out (n, m)`` of any element
+    type (e.g. the raw bits of a float tensor): a SET update's permutation of values and
+    optimizer state."""
+    n, m = out.shape
+    zero = out.dtype.type(0)
+    chunk = max(1, (1 << 14) // max(m, 1))
+    for c in prange((n + chunk - 1) // chunk):
+        for p in range(c * chunk, min(n, (c + 1) * chunk)):
+            if fresh[p]:
+                for j in range(m):
+                    out[p, j] = zero
+            else:
+                q = order[p]
+                for j in range(m):
+                    out[p, j] = src[q, j]
+
+
 @njit(cache=True)
 def merge_update(flat, prune_idx, grow_flat, new_flat, order, fresh):
     """The layout after a SET update, without a sort of all its entries.
@@ -117,7 +186,7 @@ def merge_update(flat, prune_idx, grow_flat, new_flat, order, fresh):
     pruned = np.zeros(nnz, dtype=np.bool_)
     for j in range(k):
         pruned[prune_idx[j]] = True
-    grow = np.sort(grow_flat)
+    grow = sort_positions(grow_flat)
     i = 0
     j = 0
     for p in range(nnz):
@@ -141,7 +210,7 @@ def merge_draws(have, cand, exclude):
     allowed), without the positions in ``exclude`` (sorted, distinct); int64. What
     ``torch.unique(torch.cat([have, cand]))`` followed by dropping ``exclude`` gives, in
     O(len(have) + len(exclude) + len(cand) log len(cand))."""
-    c = np.sort(cand)
+    c = sort_positions(cand)
     out = np.empty(have.shape[0] + c.shape[0], dtype=np.int64)
     n = 0
     i = 0
