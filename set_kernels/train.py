@@ -154,7 +154,8 @@ def model_sizes(hidden=SIZES[1:-1]) -> tuple[int, ...]:
 
 def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: int, sizes=SIZES,
                 init: str = "sparse-fan-in"):
-    """The SET-MLP as a ``torch.nn.Sequential`` (see the module docstring).
+    """The SET-MLP as a ``torch.nn.Sequential`` (a ``FusedSequential``, see
+    :mod:`set_kernels.nn.dropout`; see the module docstring).
 
     ``init`` sets the He-uniform bound of a sparse layer: ``"sparse-fan-in"`` (default) uses the
     expected number of live inputs per output, ``density * n_in``, so activations keep their scale
@@ -169,7 +170,7 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
     import torch
 
     from .nn import MaskedLinear, SparseLinear
-    from .nn.dropout import ReLUDropout
+    from .nn.dropout import FusedSequential, ReLUDropout
 
     gen = torch.Generator().manual_seed(seed)
     modules = []
@@ -194,7 +195,8 @@ def build_model(mode: str, layer: str, block_size: int, epsilon: float, seed: in
         modules.append(lin)
         if k < len(sizes) - 2:
             modules.append(ReLUDropout(DROPOUT))  # ReLU then dropout, one kernel
-    return torch.nn.Sequential(*modules)
+    # element-level sparse layers and their ReLU + dropout run as one op in training
+    return FusedSequential(*modules)
 
 
 def count_weights(model) -> tuple[int, int]:

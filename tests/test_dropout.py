@@ -207,3 +207,95 @@ def test_starting_numba_keeps_torch_thread_count(n):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == n
+
+
+# ------------------------------------------------------------------- fused SparseLinear + ReLUDropout
+def _mlp(dtype, density=None, sizes=(70, 53, 33, 5)):
+    """SparseLinear(b=1) + ReLUDropout pairs and a dense readout, as a FusedSequential and as a
+    plain Sequential of the same modules."""
+    import set_kernels as sk
+    from set_kernels.nn.dropout import FusedSequential, ReLUDropout
+
+    g = torch.Generator().manual_seed(3)
+    mods = []
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-2], sizes[1:-1])):
+        d = density if density is not None else (0.3, 0.6)[k % 2]
+        lin = sk.SparseLinear(n_in, n_out, density=d, block_size=1, generator=g, dtype=dtype)
+        with torch.no_grad():
+            lin.values.uniform_(-1, 1, generator=g)
+            lin.bias.uniform_(-0.3, 0.3, generator=g)
+        mods += [lin, ReLUDropout(0.25)]
+    mods.append(torch.nn.Linear(sizes[-2], sizes[-1], dtype=dtype))
+    return FusedSequential(*mods), torch.nn.Sequential(*mods)
+
+
+def _run(model, x, seed=9, create_graph=False):
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)  # the masks' draws
+    x = x.clone().requires_grad_()
+    y = model(x)
+    if create_graph:  # a gradient penalty: the double backward
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        return [gx.detach()] + [p.grad for p in model.parameters()]
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype))
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M,density", [(1, None), (7, None), (40, None), (300, None), (9, 0.0), (9, 1.0)])
+def test_fused_sparse_relu_dropout_matches_the_modules(dtype, M, density, monkeypatch):
+    """FusedSequential runs each element SparseLinear + ReLUDropout as one op (checked: the
+    fused node runs, the layers' forward does not), with the same masks and values as the
+    modules one by one: bit for bit in the outputs, dx and dW; the bias gradients are summed
+    in another order (close). Up to and past the long-run forward (256 tokens), empty and full
+    layers (no product to fuse with)."""
+    from set_kernels.backends import numba as nb
+    from set_kernels.nn import dropout
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    fused, plain = _mlp(dtype, density)
+    x = torch.randn(M, 70, generator=torch.Generator().manual_seed(M), dtype=dtype)
+    calls = []
+    monkeypatch.setattr(dropout._SparseReLUDropout, "forward",
+                        staticmethod(lambda ctx, *a, f=dropout._SparseReLUDropout.forward: calls.append(1) or f(ctx, *a)))
+    got = _run(fused, x)
+    assert len(calls) == 2
+    ref = _run(plain, x)
+    assert len(calls) == 2
+    names = ["y", "dx"] + [n for n, _ in plain.named_parameters()]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, a, b in zip(names, got, ref):
+        if name.endswith("bias") and name != "4.bias":
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * M, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_fused_path_falls_back_to_the_modules():
+    """Hooks, eval mode, another dtype or backend, and the double backward: FusedSequential
+    then gives exactly what the modules give (and a hook sees its module's call)."""
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    fused, plain = _mlp(torch.float64)
+    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seen = []
+    handle = fused[0].register_forward_hook(lambda *args: seen.append(1))
+    for a, b in zip(_run(fused, x), _run(plain, x)):
+        assert torch.equal(a, b)
+    assert len(seen) == 2
+    handle.remove()
+    fused.eval()
+    plain.eval()
+    assert torch.equal(fused(x), plain(x))
+    fused.train()
+    plain.train()
+    for a, b in zip(_run(fused, x, create_graph=True), _run(plain, x, create_graph=True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    fused[0].backend = fused[2].backend = "torch"  # not the numba backend: module by module
+    for a, b in zip(_run(fused, x), _run(plain, x)):
+        assert torch.equal(a, b)

@@ -248,7 +248,7 @@ def test_numba_fused_backward_matches_the_two_kernels_and_fp64(dtype):
             spmm._backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, spmm.ROW_CHUNK)
             dx2 = np.full((M, C), np.nan, dtype)
             dv2 = np.full(nnz, np.nan, dtype)
-            spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx2, spmm.ROW_CHUNK)
+            spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx2, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0)
             spmm._sddmm_t(dyT, xT, M, block_row, col_idx, dv2, spmm.ENTRY_CHUNK)
             where = f"{R}x{C} d={density} M={M}"
             np.testing.assert_array_equal(dx, dx2, err_msg=where)

@@ -128,8 +128,14 @@ def test_fake_tensor_mode_past_2_31():
 
 
 # ------------------------------------------------------------------- numba integer widths
+# Source files whose 32-bit arithmetic is by design and holds no offset: the dropout mask's hash
+# (inlined into the element forward's ReLU + dropout epilogue) works in 32-bit lanes.
+_HASH_SOURCES = ("dropout.py",)
+
+
 def _narrow_integer_values(pyfunc, argtypes) -> list[str]:
-    """Integer variables narrower than 64 bits that are computed (not loaded from an array)."""
+    """Integer variables narrower than 64 bits that are computed (not loaded from an array),
+    outside ``_HASH_SOURCES``."""
     from numba import njit, types
     from numba.core import ir
 
@@ -148,7 +154,7 @@ def _narrow_integer_values(pyfunc, argtypes) -> list[str]:
             value = stmt.value
             loaded = isinstance(value, ir.Expr) and value.op in ("getitem", "static_getitem")
             copied = isinstance(value, (ir.Var, ir.Arg))
-            if not (loaded or copied):
+            if not (loaded or copied) and not (stmt.loc.filename or "").endswith(_HASH_SOURCES):
                 narrow.append(f"line {stmt.loc.line}: {stmt.target.name} = {value} ({ty})")
     return narrow
 
@@ -172,16 +178,19 @@ def _numba_signatures():
         # element sparsity (block size 1)
         (spmm.transpose, (arr(f32, 2), arr(f32, 2))),
         (spmm._spmm_t, (arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, boolean, arr(f32, 1), boolean, arr(f32, 2),
-                        i64)),
+                        i64, arr(i64, 1), types.float64)),
         (spmm._sddmm_t, (arr(f32, 2), arr(f32, 2), i64, idx, idx, arr(f32, 1), i64)),
         (spmm._backward_t, (arr(f32, 2), arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, arr(f32, 2), arr(f32, 1),
                             i64)),
-        (spmm._spmm_long, (arr(f32, 2), i64, arr(f32, 1), idx, idx, arr(f32, 1), boolean, arr(f32, 2), i64, i64)),
+        (spmm._spmm_long, (arr(f32, 2), i64, arr(f32, 1), idx, idx, arr(f32, 1), boolean, arr(f32, 2), i64, i64,
+                           arr(i64, 1), types.float64)),
+        (spmm.transpose_act_grad, (arr(f32, 2), arr(f32, 2), types.float64, arr(f32, 2), arr(f32, 1))),
     ]
 
 
-@pytest.mark.parametrize("case", range(10), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
-                                                 "transpose", "spmm_t", "sddmm_t", "backward_t", "spmm_long"])
+@pytest.mark.parametrize("case", range(11), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
+                                                 "transpose", "spmm_t", "sddmm_t", "backward_t", "spmm_long",
+                                                 "transpose_act_grad"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]
     narrow = _narrow_integer_values(fn.py_func, sig)

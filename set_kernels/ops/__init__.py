@@ -24,7 +24,8 @@ def _check_layout(layout) -> BlockSparseLayout:
         raise TypeError(f"layout: expected a BlockSparseLayout, got {type(layout).__name__}")
     # O(1): the packed index must fit the layout's grid (the ops check its contents once, and an
     # index already checked for this grid fits it: a dict lookup instead).
-    nnz = _library.checked_nnz(layout.index, *layout.shape, layout.block_size)
+    nnz = None if torch.compiler.is_compiling() else _library.checked_nnz(layout.index, *layout.shape,
+                                                                           layout.block_size)
     if nnz is None:
         nnz = _library.check_index_structure(layout.index, *layout.shape, layout.block_size)
     if nnz != layout.nnz_blocks:

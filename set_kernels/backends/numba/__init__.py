@@ -24,6 +24,7 @@ import math
 import os
 import threading
 
+import numpy as np
 import torch
 
 NAME = "numba"
@@ -259,9 +260,16 @@ def _check_index(t: torch.Tensor) -> None:
         raise TypeError(f"numba backend: expected contiguous int32 index tensors, got {t.dtype}")
 
 
-def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int) -> torch.Tensor:
-    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None)."""
-    return _product(x, values, (row_ptr, col_idx), bias, rows, cols, block_size, transposed=False)
+def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int,
+                   relu_dropout=None) -> torch.Tensor:
+    """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None).
+
+    ``relu_dropout`` (block size 1 only): None, or the key ``(k0, k1, threshold, scale)`` of
+    :class:`set_kernels.nn.dropout.ReLUDropout`; the output is then that module's output on ``y``
+    (the same mask and values, bit for bit), computed as the kernel writes ``y``.
+    """
+    return _product(x, values, (row_ptr, col_idx), bias, rows, cols, block_size, transposed=False,
+                    act=relu_dropout)
 
 
 def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -269,26 +277,40 @@ def linear_grad_input(dy, values, col_ptr, row_idx, perm, rows: int, cols: int, 
     return _product(dy, values, (col_ptr, row_idx, perm), None, rows, cols, block_size, transposed=True)
 
 
-def _product(a, values, index, bias, rows: int, cols: int, block_size: int, transposed: bool) -> torch.Tensor:
+def _product(a, values, index, bias, rows: int, cols: int, block_size: int, transposed: bool,
+             act=None) -> torch.Tensor:
     """``a (M, n_in) @ W.T`` (forward: ``index`` is ``(row_ptr, col_idx)``) or ``a @ W``
-    (``transposed``: ``index`` is ``(col_ptr, row_idx, perm)``), plus ``bias (n_out,)`` or None."""
-    bsmm, _, _, spmm, _ = _load()
+    (``transposed``: ``index`` is ``(col_ptr, row_idx, perm)``), plus ``bias (n_out,)`` or None;
+    ``act``: the forward's ReLU + dropout key or None (:func:`linear_forward`)."""
+    bsmm, _, _, spmm, dropout = _load()
     b, rows, cols = int(block_size), int(rows), int(cols)
+    if act is not None and (b != 1 or transposed):
+        raise ValueError("numba backend: the ReLU + dropout epilogue is a forward at block size 1 only")
     n_in, n_out = (rows, cols) if transposed else (cols, rows)
     M = a.shape[0]
     out = torch.empty(M, n_out, dtype=a.dtype)
     if M == 0 or n_out == 0:
         return out
     if n_in == 0 or values.shape[0] == 0:
-        return out.zero_() if bias is None else out.copy_(bias.detach().to(out.dtype).expand(M, n_out))
+        out = out.zero_() if bias is None else out.copy_(bias.detach().to(out.dtype).expand(M, n_out))
+        if act is not None:  # no product to fuse with: the module's own kernel
+            flat = out.view(-1).numpy()
+            dropout.dropout(flat, *act, flat, True)
+        return out
     for t in index:
         _check_index(t)
     an, vn, idx = _np(a), _np(values), [_np(t) for t in index]
     bias_args = () if transposed else ((vn.reshape(-1)[:0], False) if bias is None else (_np(bias), True))
     if b == 1:
         (aT,) = _scratch(an.dtype, (n_in, spmm.padded_tokens(M, an.itemsize)))
-        kernel = spmm.linear_grad_input if transposed else spmm.linear_forward
-        kernel(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK)
+        if transposed:
+            spmm.linear_grad_input(an, vn.reshape(-1), *idx, out.numpy(), aT, spmm.ROW_CHUNK)
+        elif act is None:
+            spmm.linear_forward(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0)
+        else:
+            k0, k1, threshold, scale = act
+            spmm.linear_forward(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK,
+                                np.array([1, k0, k1, threshold], dtype=np.int64), float(scale))
         return out
     (ab,) = _scratch(an.dtype, (-(-n_in // b), M, b))
     kernel = bsmm.linear_grad_input if transposed else bsmm.linear_forward
@@ -328,24 +350,50 @@ def linear_backward(dy, x, values, col_ptr, row_idx, perm, block_row, col_idx, r
     two kernels share one transpose of ``dy``; other block sizes call :func:`linear_grad_input` and
     :func:`linear_grad_weight`."""
     b = int(block_size)
-    M = dy.shape[0]
-    nnz = values.shape[0]
-    if b != 1 or M == 0 or nnz == 0:
+    if b != 1 or dy.shape[0] == 0 or values.shape[0] == 0:
         dx = linear_grad_input(dy, values, col_ptr, row_idx, perm, rows, cols, block_size) if need_dx else None
         dv = linear_grad_weight(dy, x, block_row, col_idx, rows, cols, block_size) if need_dv else None
         return dx, dv
+    return _element_backward(dy, None, 1.0, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols,
+                             need_dx, need_dv)[:2]
+
+
+def linear_backward_relu_dropout(dy, y, scale: float, x, values, col_ptr, row_idx, perm, block_row, col_idx,
+                                 rows: int, cols: int, need_dx: bool, need_dv: bool):
+    """``(dx, dv, dbias)`` of :func:`linear_forward` with the ReLU + dropout epilogue (block size
+    1), from ``dy (M, rows)``, the gradient of its output ``y (M, rows)``, and the epilogue's
+    ``scale``; ``dx``/``dv`` None when not needed. The epilogue's gradient (``dy * scale`` where
+    ``y > 0``, else 0) is taken in the transpose of ``dy``, which also sums ``dbias``."""
+    if dy.shape[0] == 0 or values.shape[0] == 0:  # nothing to fuse with: the module's own kernel
+        g = torch.empty(dy.shape, dtype=dy.dtype)
+        _load()[4].relu_dropout_grad(_np(dy).reshape(-1), _np(y).reshape(-1), float(scale), g.view(-1).numpy())
+        dx = linear_grad_input(g, values, col_ptr, row_idx, perm, rows, cols, 1) if need_dx else None
+        dv = linear_grad_weight(g, x, block_row, col_idx, rows, cols, 1) if need_dv else None
+        return dx, dv, g.sum(0)
+    return _element_backward(dy, y, scale, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols,
+                             need_dx, need_dv)
+
+
+def _element_backward(dy, y, scale, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols,
+                      need_dx, need_dv):
+    """The block-size-1 backward for ``M >= 1`` tokens and ``nnz >= 1``: ``(dx, dv, dbias)``,
+    ``dbias`` only with the epilogue (``y`` not None)."""
     spmm = _load()[3]
     for t in (col_ptr, row_idx, perm, block_row, col_idx):
         _check_index(t)
+    M, nnz = dy.shape[0], values.shape[0]
     dx = torch.empty(M, cols, dtype=dy.dtype)
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype)
+    dbias = torch.empty(rows, dtype=dy.dtype) if y is not None else None
     dyn, xn = _np(dy), _np(x)
     Mp = spmm.padded_tokens(M, dyn.itemsize)
     dyT, xT = _scratch(dyn.dtype, (rows, Mp), (cols, Mp))
+    yn = dyn[:0] if y is None else _np(y)
+    dbn = dyn[0, :0] if dbias is None else dbias.numpy()
     spmm.linear_backward(dyn, xn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
                   _np(col_idx), bool(need_dx), bool(need_dv), dx.numpy(), dv.numpy().reshape(-1), dyT, xT,
-                  spmm.ROW_CHUNK, spmm.ENTRY_CHUNK)
-    return (dx if need_dx else None), (dv if need_dv else None)
+                  spmm.ROW_CHUNK, spmm.ENTRY_CHUNK, yn, float(scale), dbn)
+    return (dx if need_dx else None), (dv if need_dv else None), dbias
 
 
 def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float, beta2: float,

@@ -57,6 +57,18 @@ def _hash(typingctx, i, k0, k1):
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def keep_element(i, k0, k1, threshold, high_from):
+    """Whether element ``i`` is kept: the mask of :func:`_apply`, one element at a time (the
+    epilogue of the element forward, :mod:`.spmm`, draws the same masks as this module). The
+    high half of the index is read from ``high_from``, which must share it with ``i`` (pass
+    ``i``, or a loop-invariant index of the same 2**32 run, so that the loop vectorises)."""
+    hi = np.uint64(high_from) >> np.uint64(32)
+    key0 = np.uint32(np.uint64(k0) & np.uint64(0xFFFFFFFF))
+    key1 = np.uint32((np.uint64(k1) + hi * _GOLDEN) & np.uint64(0xFFFFFFFF))
+    return _hash(i, key0, key1) >= np.uint32(threshold)
+
+
 @njit(inline="always", fastmath=True, cache=True)
 def _apply(src, out, i0, i1, k0, k1, threshold, scale, relu):
     """``out[i] = f(src[i]) * scale`` where ``hash(k0, k1, i) >= threshold``, else 0, for ``i0 <= i < i1``

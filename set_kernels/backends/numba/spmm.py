@@ -49,6 +49,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .dropout import keep_element
 from .simd import NV_MAX, VEC_BYTES, column_grads, dot_entries, lanes, row_accumulate
 
 _FLAGS = dict(parallel=True, fastmath=True, cache=True)
@@ -103,6 +104,40 @@ def _store_tile(tile, out, t0, tn, o0, rc):
             dst[i] = tile[i, t]
 
 
+# The forward's epilogue, ``act`` (int64 (4,)): ``[on, k0, k1, threshold]``. When ``on`` the
+# output is ``relu(y) * scale`` where ``.dropout.keep_element(i, k0, k1, threshold)`` for its
+# row-major index ``i``, else 0: what :mod:`.dropout`'s fused ReLU + dropout gives on ``y``.
+NO_ACT = np.zeros(4, dtype=np.int64)
+
+
+@njit(inline="always")
+def _store_tile_act(tile, out, t0, tn, o0, rc, act, scale):
+    """:func:`_store_tile` with the ReLU + dropout epilogue of ``act`` (see ``NO_ACT``), applied
+    to the tile's rows first (a loop over tokens, which vectorises: element ``(t, o)`` of ``out``
+    has the row-major index ``t * n_out + o``)."""
+    n_out = np.int64(out.shape[1])
+    zero = tile.dtype.type(0)
+    s = tile.dtype.type(scale)
+    k0, k1, threshold = act[1], act[2], act[3]
+    first = np.int64(t0) * n_out + o0
+    same_high = (first >> 32) == ((np.int64(t0 + tn - 1) * n_out + o0 + rc - 1) >> 32)
+    for i in range(rc):
+        row = tile[i]
+        base = first + i
+        if same_high:  # the usual case (fewer than 2**32 outputs): one key for the whole tile
+            for t in range(tn):
+                keep = keep_element(np.int64(t) * n_out + base, k0, k1, threshold, first)
+                a = row[t]
+                row[t] = (a if a > zero else zero) * s if keep else zero
+        else:
+            for t in range(tn):
+                idx = np.int64(t) * n_out + base
+                keep = keep_element(idx, k0, k1, threshold, idx)
+                a = row[t]
+                row[t] = (a if a > zero else zero) * s if keep else zero
+    _store_tile(tile, out, t0, tn, o0, rc)
+
+
 @njit(**_FLAGS)
 def transpose(a, out):
     """``out[:, :M] = a (M, n).T`` and ``out[:, M:] = 0``, for ``out (n, Mp)`` with ``Mp >= M``.
@@ -148,7 +183,7 @@ def transpose(a, out):
 
 
 @njit(**_EXACT)
-def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC):
+def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC, act, scale):
     """``out (M, n_out) = (Op @ aT[:, :M]).T`` with Op sparse in compressed rows.
 
     Output feature ``o`` owns entries ``ptr[o]:ptr[o+1]``; entry ``e`` reads row ``idx[e]`` of
@@ -158,6 +193,7 @@ def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC):
     :func:`.simd.row_accumulate` (the row's entries summed in vector registers), and the tile is
     written to ``out`` as ``RC``-wide contiguous row segments, so no transposed output has to be
     copied back. When ``use_perm`` is false ``perm`` must be an array as long as ``idx``.
+    ``act``, ``scale``: the epilogue (``NO_ACT``: none).
     """
     n_out = ptr.shape[0] - 1
     VL = lanes(aT.itemsize)
@@ -182,22 +218,26 @@ def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC):
                 b0 = bias[o] if has_bias else zero
                 row_accumulate(tile[i], aT, idx, v, perm, use_perm, np.int64(ptr[o]), np.int64(ptr[o + 1]), t0,
                                np.int64(nv), b0, pf, last, ahead)
-            _store_tile(tile, out, t0, tn, o0, rc)
+            if act[0]:
+                _store_tile_act(tile, out, t0, tn, o0, rc, act, scale)
+            else:
+                _store_tile(tile, out, t0, tn, o0, rc)
 
 
 @njit(**_SERIAL)
-def linear_forward(x, v, row_ptr, col_idx, bias, has_bias, y, xT, RC):
-    """Forward ``y (M, rows) = x (M, cols) @ W.T (+ bias)``; ``xT (cols, Mp)`` scratch. Up to
-    ``LONG_RUN_MIN`` tokens :func:`_spmm_t` (vector registers), from there :func:`_spmm_long`."""
+def linear_forward(x, v, row_ptr, col_idx, bias, has_bias, y, xT, RC, act, scale):
+    """Forward ``y (M, rows) = x (M, cols) @ W.T (+ bias)``, then the epilogue ``act``/``scale``
+    (``NO_ACT``: none); ``xT (cols, Mp)`` scratch. Up to ``LONG_RUN_MIN`` tokens :func:`_spmm_t`
+    (vector registers), from there :func:`_spmm_long`."""
     transpose(x, xT)
     if x.shape[0] >= LONG_RUN_MIN:
-        _spmm_long(xT, x.shape[0], v, row_ptr, col_idx, bias, has_bias, y, LONG_TILE, RC)
+        _spmm_long(xT, x.shape[0], v, row_ptr, col_idx, bias, has_bias, y, LONG_TILE, RC, act, scale)
     else:
-        _spmm_t(xT, x.shape[0], v, row_ptr, col_idx, col_idx, False, bias, has_bias, y, RC)
+        _spmm_t(xT, x.shape[0], v, row_ptr, col_idx, col_idx, False, bias, has_bias, y, RC, act, scale)
 
 
 @njit(**_FLAGS)
-def _spmm_long(aT, M, v, ptr, idx, bias, has_bias, out, TM, RC):
+def _spmm_long(aT, M, v, ptr, idx, bias, has_bias, out, TM, RC, act, scale):
     """The forward for many tokens: ``out (M, n_out) = (W @ aT[:, :M]).T`` over CSR, ``TM`` tokens
     per tile, a row's entries consumed eight (then four, then one) at a time into an accumulator
     row in L1, ``acc += w0 * x0 + ... + w7 * x7`` as numba loops over the tokens, which LLVM
@@ -243,26 +283,61 @@ def _spmm_long(aT, M, v, ptr, idx, bias, has_bias, out, TM, RC):
                     for t in range(tn):
                         acc[t] += w0 * x0[t]
                     e += 1
-            _store_tile(tile, out, t0, tn, o0, rc)
+            if act[0]:
+                _store_tile_act(tile, out, t0, tn, o0, rc, act, scale)
+            else:
+                _store_tile(tile, out, t0, tn, o0, rc)
 
 
 @njit(**_SERIAL)
 def linear_grad_input(dy, v, col_ptr, row_idx, perm, dx, dyT, RC):
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` through the transposed index."""
     transpose(dy, dyT)
-    _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC)
+    _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0)
+
+
+@njit(**_FLAGS)
+def transpose_act_grad(dy, y, scale, out, dbias):
+    """The gradient through the forward's ReLU + dropout epilogue, transposed: ``out[:, :M] =
+    (dy * scale * (y > 0)).T``, ``out[:, M:] = 0``, and ``dbias[j] = sum_t out[j, t]`` (tokens in
+    order), for ``dy, y (M, n)`` and ``out (n, Mp)``. ``y > 0`` exactly where the epilogue kept
+    the element and its input was positive (as in :func:`.dropout.relu_dropout_grad`)."""
+    M, n = dy.shape
+    Mp = out.shape[1]
+    zero = out.dtype.type(0)
+    s = out.dtype.type(scale)
+    n_items = (n + _COLS - 1) // _COLS
+    for w in prange(n_items):
+        n0 = w * _COLS
+        for j in range(n0, min(n, n0 + _COLS)):
+            dst = out[j]
+            total = zero
+            for i in range(M):
+                g = dy[i, j] * s if y[i, j] > zero else zero
+                dst[i] = g
+                total += g
+            for i in range(M, Mp):
+                dst[i] = zero
+            dbias[j] = total
 
 
 @njit(**_SERIAL)
-def linear_backward(dy, x, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, dyT, xT, RC, EC):
+def linear_backward(dy, x, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, dyT, xT, RC, EC,
+                    y, scale, dbias):
     """Both gradients of the forward from one transpose of ``dy``: ``dx (M, cols) = dy @ W`` when
-    ``need_dx`` and ``dv[e] = sum_t dy[t, row[e]] * x[t, col[e]]`` when ``need_dv``."""
-    transpose(dy, dyT)
+    ``need_dx`` and ``dv[e] = sum_t dy[t, row[e]] * x[t, col[e]]`` when ``need_dv``. When ``y``
+    (the forward's output, ``(M, rows)``) is not empty, the forward had the ReLU + dropout
+    epilogue: ``dy`` is the gradient of its output, taken back through it
+    (:func:`transpose_act_grad`), and ``dbias (rows,)`` receives the bias gradient."""
+    if y.shape[0] == dy.shape[0] and y.size > 0:
+        transpose_act_grad(dy, y, scale, dyT, dbias)
+    else:
+        transpose(dy, dyT)
     if need_dx and need_dv:
         transpose(x, xT)
         _backward_t(dyT, xT, dy.shape[0], v, col_ptr, row_idx, perm, dx, dv, RC)
     elif need_dx:
-        _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC)
+        _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0)
     elif need_dv:
         transpose(x, xT)
         _sddmm_t(dyT, xT, dy.shape[0], row, col, dv, EC)
