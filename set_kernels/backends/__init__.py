@@ -145,11 +145,11 @@ def resolve_named(backend: str, op: str, device: torch.device, dtype: torch.dtyp
     backend does not depend on :func:`use` or ``$SET_KERNELS_BACKEND``."""
     if not isinstance(backend, str):
         return resolve(backend, op, device, dtype, block_size)  # raises, naming the argument
-    return _resolve_cached(backend, "", op, device.type, dtype, block_size)
+    return _resolve_cached(backend, op, device.type, dtype, block_size)
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_cached(backend, env, op, device_type, dtype, block_size) -> str:
+def _resolve_cached(backend, op, device_type, dtype, block_size) -> str:
     return resolve(backend, op, torch.device(device_type), dtype, block_size)
 
 

@@ -87,9 +87,9 @@ def check_index(index: Tensor, rows: int, cols: int, block_size: int) -> tuple:
     Returns the views of :func:`split_index` (cached with the check, as long as ``index`` lives).
     """
     key = (rows, cols, block_size)
-    hit = _CHECKED.get(id(index))
-    if hit is not None and hit[0]() is index and hit[1] == index._version and hit[2] == key:
-        return hit[3]  # this very tensor, unchanged, was checked for this grid
+    hit = _checked_parts(index, key)
+    if hit is not None:
+        return hit  # this very tensor, unchanged, was checked for this grid
     nnz = check_index_structure(index, rows, cols, block_size)
     if index.device.type == "meta":
         return split_index(index, rows, cols, block_size)
@@ -139,9 +139,16 @@ def trust_index(index: Tensor, rows: int, cols: int, block_size: int) -> None:
 def checked_nnz(index: Tensor, rows: int, cols: int, block_size: int):
     """``nnz`` of an index :func:`check_index` has already checked for this grid (unchanged since),
     else None: a dict lookup that stands in for :func:`check_index_structure`."""
+    parts = _checked_parts(index, (rows, cols, block_size))
+    return None if parts is None else parts[1].shape[0]
+
+
+def _checked_parts(index: Tensor, key: tuple):
+    """The cached split views of ``index`` when this very tensor, unchanged since, was checked
+    for the grid ``key``; else None."""
     hit = _CHECKED.get(id(index))
-    if hit is not None and hit[0]() is index and hit[1] == index._version and hit[2] == (rows, cols, block_size):
-        return hit[3][1].shape[0]
+    if hit is not None and hit[0]() is index and hit[1] == index._version and hit[2] == key:
+        return hit[3]
     return None
 
 
