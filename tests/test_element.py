@@ -385,3 +385,33 @@ def test_numba_scratch_from_huge_page_mappings(monkeypatch):
         torch.testing.assert_close(values.grad.reshape(-1), (dy.T @ x.detach())[layout.block_mask()].reshape(-1))
     finally:
         nb.release_workspace()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_transpose_act_grad(dtype):
+    """The fused backward's first step against its definition: ``(dy * scale * (y > 0)).T`` with
+    zero padding to whole vectors and the bias gradient (the sum over tokens), on edge sizes,
+    outputs poisoned first."""
+    np = pytest.importorskip("numpy")
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    spmm = nb._load()[3]
+    rng = np.random.default_rng(4)
+    itemsize = np.dtype(dtype).itemsize
+    for M in (1, 7, 40, 300):
+        for n in (1, spmm._COLS - 1, spmm._COLS + 3, 200):
+            dy = rng.standard_normal((M, n)).astype(dtype)
+            y = rng.standard_normal((M, n)).astype(dtype)
+            y[rng.random((M, n)) < 0.2] = 0  # dropped or not positive: no gradient
+            Mp = spmm.padded_tokens(M, itemsize)
+            out = np.full((n, Mp), np.nan, dtype=dtype)
+            dbias = np.full(n, np.nan, dtype=dtype)
+            spmm.transpose_act_grad(dy, y, 1.25, out, dbias)
+            g = np.where(y > 0, dy * np.dtype(dtype).type(1.25), 0).astype(dtype)  # the kernel's rounding of scale
+            np.testing.assert_array_equal(out[:, :M], g.T, err_msg=f"M={M} n={n}")
+            np.testing.assert_array_equal(out[:, M:], 0, err_msg=f"padding M={M} n={n}")
+            tol = 1e-5 if dtype == "float32" else 1e-12
+            np.testing.assert_allclose(dbias, g.astype(np.float64).sum(0), rtol=tol, atol=tol * M)
+
