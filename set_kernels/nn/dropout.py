@@ -155,26 +155,30 @@ class _SparseReLUDropout(torch.autograd.Function):
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
 
 
-def _fusable(linear, act, x) -> bool:
-    """Whether ``act(linear(x))`` may run as :class:`_SparseReLUDropout` (else module by module)."""
+def _fusable(linear, act, x):
+    """``linear``'s layout when ``act(linear(x))`` may run as :class:`_SparseReLUDropout`, else
+    None (module by module: the modules' own calls raise what there is to raise)."""
     if not (type(act) is ReLUDropout and act.training and 0.0 < act.p < 1.0 and isinstance(linear, SparseLinear)
             and linear.block_size == 1 and type(x) is torch.Tensor and x.dim() == 2):
-        return False
+        return None
     values, bias = linear.values, linear.bias
     dtype = x.dtype
     if (x.shape[1] != linear.in_features or dtype not in _FUSABLE_DTYPES or values.dtype != dtype
             or x.device.type != "cpu" or values.device.type != "cpu"
             or (bias is not None and (bias.dtype != dtype or bias.shape != (linear.out_features,)))):
-        return False
+        return None
     if (linear._forward_hooks or linear._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks
             or _module._global_forward_hooks or _module._global_forward_pre_hooks):
-        return False  # hooks see each module's call
+        return None  # hooks see each module's call
     if torch.is_autocast_enabled("cpu") or not _library.plain_eager(x, values, bias):
-        return False
+        return None
     try:
-        return _library.resolve(linear.backend, "linear_forward", x.device, dtype, 1) == "numba"
+        if _library.resolve(linear.backend, "linear_forward", x.device, dtype, 1) != "numba":
+            return None
     except (RuntimeError, ValueError):
-        return False  # the layer's own call raises it
+        return None
+    layout = linear.layout
+    return layout if values.shape[0] == layout.nnz_blocks else None
 
 
 class FusedSequential(torch.nn.Sequential):
@@ -186,12 +190,8 @@ class FusedSequential(torch.nn.Sequential):
         i, n = 0, len(mods)
         while i < n:
             m = mods[i]
-            if i + 1 < n and self.training and _fusable(m, mods[i + 1], x):
-                layout = m.layout
-                if m.values.shape[0] != layout.nnz_blocks:  # a broken layer: its own call says why
-                    x = m(x)
-                    i += 1
-                    continue
+            layout = _fusable(m, mods[i + 1], x) if i + 1 < n and self.training else None
+            if layout is not None:
                 x = _SparseReLUDropout.apply(x.contiguous(), m.values, m.bias, layout.index, m.out_features,
                                              m.in_features, _draw_key(mods[i + 1].p))
                 i += 2
