@@ -165,6 +165,16 @@ def test_set_rejects_an_optimizer_without_the_sparse_parameters():
         sk.SET(two, torch.optim.SGD(two[0].parameters(), lr=0.1))
 
 
+def _numba_spmm():
+    """``(numpy, the numba element kernels module)``; skips where numba is unavailable."""
+    np = pytest.importorskip("numpy")
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    return np, nb._load()[3]
+
+
 # --------------------------------------------------------------------------- the eager path
 @pytest.mark.parametrize("b,density", [(1, 0.2), (16, 0.5)])
 def test_eager_path_matches_the_custom_op_bit_for_bit(b, density, monkeypatch):
@@ -193,12 +203,7 @@ def test_numba_transpose_both_paths(dtype):
     """The element kernels' transpose, through its few-token (whole columns) and its tiled path,
     on edge sizes: every output element is written with its transposed input, and the padding
     columns up to whole vectors with zeros."""
-    np = pytest.importorskip("numpy")
-    from set_kernels.backends import numba as nb
-
-    if not nb.availability()[0]:
-        pytest.skip(nb.availability()[1])
-    spmm = nb._load()[3]
+    np, spmm = _numba_spmm()
     rng = np.random.default_rng(3)
     itemsize = np.dtype(dtype).itemsize
     few = spmm._COLS_BYTES // (spmm._COLS * itemsize)  # largest M of the few-token path
@@ -219,13 +224,9 @@ def test_numba_fused_backward_matches_the_two_kernels_and_fp64(dtype):
     reference and, bit for bit, against the separate dX SpMM and SDDMM: token counts below, at
     and above one vector and one token tile (several tiles sum dW), empty rows and columns,
     density 0 and 1, outputs poisoned first."""
-    np = pytest.importorskip("numpy")
-    from set_kernels.backends import numba as nb
     from set_kernels.ops import _library
 
-    if not nb.availability()[0]:
-        pytest.skip(nb.availability()[1])
-    spmm = nb._load()[3]
+    np, spmm = _numba_spmm()
     rng = np.random.default_rng(5)
     itemsize = np.dtype(dtype).itemsize
     tile = 4 * 64 // itemsize
@@ -392,12 +393,7 @@ def test_numba_transpose_act_grad(dtype):
     """The fused backward's first step against its definition: ``(dy * scale * (y > 0)).T`` with
     zero padding to whole vectors and the bias gradient (the sum over tokens), on edge sizes,
     outputs poisoned first."""
-    np = pytest.importorskip("numpy")
-    from set_kernels.backends import numba as nb
-
-    if not nb.availability()[0]:
-        pytest.skip(nb.availability()[1])
-    spmm = nb._load()[3]
+    np, spmm = _numba_spmm()
     rng = np.random.default_rng(4)
     itemsize = np.dtype(dtype).itemsize
     for M in (1, 7, 40, 300):
