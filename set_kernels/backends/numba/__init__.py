@@ -305,12 +305,9 @@ def _product(a, values, index, bias, rows: int, cols: int, block_size: int, tran
         (aT,) = _scratch(an.dtype, (n_in, spmm.padded_tokens(M, an.itemsize)))
         if transposed:
             spmm.linear_grad_input(an, vn.reshape(-1), *idx, out.numpy(), aT, spmm.ROW_CHUNK)
-        elif act is None:
-            spmm.linear_forward(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0)
         else:
-            k0, k1, threshold, scale = act
-            spmm.linear_forward(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK,
-                                np.array([1, k0, k1, threshold], dtype=np.int64), float(scale))
+            epilogue = (spmm.NO_ACT, 1.0) if act is None else (np.array([1, *act[:3]], dtype=np.int64), float(act[3]))
+            spmm.linear_forward(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK, *epilogue)
         return out
     (ab,) = _scratch(an.dtype, (-(-n_in // b), M, b))
     kernel = bsmm.linear_grad_input if transposed else bsmm.linear_forward

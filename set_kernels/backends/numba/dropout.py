@@ -58,14 +58,21 @@ def _hash(typingctx, i, k0, k1):
 
 
 @njit(inline="always", cache=True)
+def _keys(high_from, k0, k1):
+    """The two 32-bit hash keys for the indices that share the high 32 bits of ``high_from``."""
+    hi = np.uint64(high_from) >> np.uint64(32)
+    key0 = np.uint32(np.uint64(k0) & np.uint64(0xFFFFFFFF))
+    key1 = np.uint32((np.uint64(k1) + hi * _GOLDEN) & np.uint64(0xFFFFFFFF))
+    return key0, key1
+
+
+@njit(inline="always", cache=True)
 def keep_element(i, k0, k1, threshold, high_from):
     """Whether element ``i`` is kept: the mask of :func:`_apply`, one element at a time (the
     epilogue of the element forward, :mod:`.spmm`, draws the same masks as this module). The
     high half of the index is read from ``high_from``, which must share it with ``i`` (pass
     ``i``, or a loop-invariant index of the same 2**32 run, so that the loop vectorises)."""
-    hi = np.uint64(high_from) >> np.uint64(32)
-    key0 = np.uint32(np.uint64(k0) & np.uint64(0xFFFFFFFF))
-    key1 = np.uint32((np.uint64(k1) + hi * _GOLDEN) & np.uint64(0xFFFFFFFF))
+    key0, key1 = _keys(high_from, k0, k1)
     return _hash(i, key0, key1) >= np.uint32(threshold)
 
 
@@ -74,9 +81,7 @@ def _apply(src, out, i0, i1, k0, k1, threshold, scale, relu):
     """``out[i] = f(src[i]) * scale`` where ``hash(k0, k1, i) >= threshold``, else 0, for ``i0 <= i < i1``
     (``i0`` and ``i1 - 1`` share the high 32 bits of the index); ``f`` is ``max(., 0)`` when
     ``relu``, else the identity."""
-    hi = np.uint64(i0) >> np.uint64(32)
-    key0 = np.uint32(np.uint64(k0) & np.uint64(0xFFFFFFFF))
-    key1 = np.uint32((np.uint64(k1) + hi * _GOLDEN) & np.uint64(0xFFFFFFFF))
+    key0, key1 = _keys(i0, k0, k1)
     t = np.uint32(threshold)
     zero = src.dtype.type(0)
     s = src.dtype.type(scale)
