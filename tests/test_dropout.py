@@ -243,35 +243,93 @@ def _run(model, x, seed=9, create_graph=False):
     return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
+def _count_chain_nodes(monkeypatch):
+    """Patch the fused run's forward to record the number of layers of each call."""
+    from set_kernels.nn import dropout
+
+    calls = []
+    f = dropout._SparseReLUDropoutChain.forward
+    monkeypatch.setattr(dropout._SparseReLUDropoutChain, "forward",
+                        staticmethod(lambda ctx, x, layers, *p: calls.append(len(layers)) or f(ctx, x, layers, *p)))
+    return calls
+
+
+def _assert_same_as_modules(got, ref, plain, M, dtype):
+    """Bit for bit, except the element layers' bias gradients (summed in another order: close)."""
+    names = ["y", "dx"] + [n for n, _ in plain.named_parameters()]
+    assert len(got) == len(ref) == len(names)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    readout = f"{len(plain) - 1}.bias"
+    for name, a, b in zip(names, got, ref):
+        if name.endswith("bias") and name != readout:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * M, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("M,density", [(1, None), (7, None), (40, None), (300, None), (9, 0.0), (9, 1.0)])
 def test_fused_sparse_relu_dropout_matches_the_modules(dtype, M, density, monkeypatch):
-    """FusedSequential runs each element SparseLinear + ReLUDropout as one op (checked: the
-    fused node runs, the layers' forward does not), with the same masks and values as the
-    modules one by one: bit for bit in the outputs, dx and dW; the bias gradients are summed
-    in another order (close). Up to and past the long-run forward (256 tokens), empty and full
-    layers (no product to fuse with)."""
+    """FusedSequential runs the element SparseLinear + ReLUDropout pairs as one node (checked:
+    one call of the fused run, with both layers), with the same masks and values as the modules
+    one by one: bit for bit in the outputs, dx and dW; the bias gradients are summed in another
+    order (close). Up to and past the long-run forward (256 tokens), empty and full layers (no
+    product to fuse with)."""
     from set_kernels.backends import numba as nb
-    from set_kernels.nn import dropout
 
     if not nb.availability()[0]:
         pytest.skip(nb.availability()[1])
     fused, plain = _mlp(dtype, density)
     x = torch.randn(M, 70, generator=torch.Generator().manual_seed(M), dtype=dtype)
-    calls = []
-    monkeypatch.setattr(dropout._SparseReLUDropout, "forward",
-                        staticmethod(lambda ctx, *a, f=dropout._SparseReLUDropout.forward: calls.append(1) or f(ctx, *a)))
+    calls = _count_chain_nodes(monkeypatch)
     got = _run(fused, x)
-    assert len(calls) == 2
+    assert calls == [2]
     ref = _run(plain, x)
-    assert len(calls) == 2
-    names = ["y", "dx"] + [n for n, _ in plain.named_parameters()]
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for name, a, b in zip(names, got, ref):
-        if name.endswith("bias") and name != "4.bias":
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol * M, msg=name)
-        else:
-            assert torch.equal(a, b), name
+    assert calls == [2]
+    _assert_same_as_modules(got, ref, plain, M, dtype)
+
+
+def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
+    """Three pairs, a hook on the middle SparseLinear: the first and last pairs run fused (one
+    layer each), the middle one module by module, and everything is still what the modules give.
+    An input that needs no gradient and a frozen first layer: no dx and no dW there, the rest
+    as the modules give it."""
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    fused, plain = _mlp(torch.float64, sizes=(30, 41, 17, 23, 4))
+    x = torch.randn(11, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    calls = _count_chain_nodes(monkeypatch)
+    seen = []
+    handle = fused[2].register_forward_hook(lambda *args: seen.append(1))
+    got, ref = _run(fused, x), _run(plain, x)
+    assert calls == [1, 1] and len(seen) == 2
+    _assert_same_as_modules(got, ref, plain, 11, torch.float64)
+    handle.remove()
+    fused[0].values.requires_grad_(False)
+    fused[0].bias.requires_grad_(False)
+    try:
+        results = []
+        for model in (fused, plain):
+            for p in model.parameters():
+                p.grad = None
+            torch.manual_seed(2)
+            y = model(x)
+            y.backward(torch.ones_like(y))
+            results.append([y] + [p.grad for p in model.parameters()])
+        assert calls == [1, 1, 3]
+        assert results[0][1] is None and results[0][2] is None
+        for name, a, b in zip(["y"] + [n for n, _ in plain.named_parameters()], *results):
+            if a is None or b is None:
+                assert a is None and b is None, name
+            elif name.endswith("bias") and name != "6.bias":
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11, msg=name)
+            else:
+                assert torch.equal(a, b), name
+    finally:
+        fused[0].values.requires_grad_(True)
+        fused[0].bias.requires_grad_(True)
 
 
 def test_fused_path_falls_back_to_the_modules():

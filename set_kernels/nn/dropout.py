@@ -14,14 +14,16 @@ bit for bit, as the two modules in a row (for finite inputs; a NaN input may com
 ``y > 0``, which is exactly where the element was kept and its input was positive. One autograd
 node and one kernel per pass instead of two.
 
-``FusedSequential`` is ``nn.Sequential`` that runs an element-level ``SparseLinear`` followed by a
-``ReLUDropout`` as one op in training, when the numba backend serves them (CPU, fp32/fp64, plain
-eager tensors, no hooks on either module): the element forward applies the ReLU and the mask as
-it writes its output (the same draw from torch's generator, the same mask and values, bit for
-bit), and its backward takes the epilogue's gradient in the transpose of ``dy`` it makes anyway,
-summing the bias gradient there too. That removes one autograd node, one kernel and one pass over
-the activation per layer and pass (a width-1,000 SET-MLP step had ~350 us of its ~2.4 ms in the
-three ReLU + dropout modules). Anything else runs module by module, as ``nn.Sequential`` does.
+``FusedSequential`` is ``nn.Sequential`` that runs each run of consecutive element-level
+``SparseLinear`` + ``ReLUDropout`` pairs as one op in training, when the numba backend serves them
+(CPU, fp32/fp64, plain eager tensors, no hooks on the modules): the element forward applies the
+ReLU and the mask as it writes its output (the same draws from torch's generator, in the same
+order, the same masks and values, bit for bit), and its backward takes the epilogue's gradient in
+the transpose of ``dy`` it makes anyway, summing the bias gradient there too. That removes one
+kernel and one pass over the activation per layer and pass (a width-1,000 SET-MLP step had
+~350 us of its ~2.4 ms in the three ReLU + dropout modules), and the whole run is one autograd
+node (the per-node work and the op's checks cost about 60 us per layer and pass). Anything else
+runs module by module, as ``nn.Sequential`` does.
 
 None of these is part of the public API: ``set-kernels train`` uses them for every model it
 builds (dense ones too).
@@ -121,59 +123,114 @@ class ReLUDropout(Dropout):
         return F.dropout(F.relu(x), self.p, True)
 
 
-class _SparseReLUDropout(torch.autograd.Function):
-    """``ReLUDropout(p)(SparseLinear(block_size=1)(x))`` through the numba element kernels, one
-    node: ``forward(x, values, bias, index, rows, cols, key)`` with ``key`` from :func:`_draw_key`."""
+class _SparseReLUDropoutChain(torch.autograd.Function):
+    """``k >= 1`` consecutive layers ``h = ReLUDropout(p_i)(SparseLinear(block_size=1)_i(h))``
+    through the numba element kernels, as one autograd node.
+
+    ``forward(x, layers, *params)``: ``x (M, cols_0)``; ``layers`` a tuple of ``(index, rows,
+    cols, key)`` per layer (``key`` from :func:`_draw_key`, drawn in layer order, as the modules
+    draw them); ``params`` ``(values_0, bias_0, values_1, bias_1, ...)`` with ``values_i (nnz_i,
+    1, 1)`` and ``bias_i (rows_i,)`` or None. Returns the last layer's output ``(M, rows_k)``.
+    One node for the run instead of one per layer: a width-1,000 SET-MLP step spent about
+    60 us per layer and pass in autograd's per-node work and the op's own checks.
+
+    Kept for the backward pass: ``x``, every layer's output (the next layer's input) and the
+    parameters. The backward pass takes each layer's epilogue gradient, ``dx`` and ``dW`` in
+    one kernel (:func:`set_kernels.backends.numba.linear_backward_relu_dropout`), last layer
+    first. A double backward (``create_graph``) replays the forward as single-layer nodes
+    (the same keys, so the same masks and values) and differentiates that with the
+    differentiable ops, so that every layer's input stays connected to the graph.
+    """
 
     @staticmethod
-    def forward(ctx, x, values, bias, index, rows, cols, key):
+    def forward(ctx, x, layers, *params):
         numba_backend = backends.get("numba")
-        row_ptr, col_idx, *_ = _library.check_index(index, rows, cols, 1)
-        y = numba_backend.linear_forward(x, values, row_ptr, col_idx, bias, rows, cols, 1, relu_dropout=key)
-        ctx.save_for_backward(x, values, index, y)
-        ctx.meta = (rows, cols, key[3], bias is not None)
-        return y
+        h, outs = x, []
+        for (index, rows, cols, key), values, bias in zip(layers, params[0::2], params[1::2]):
+            row_ptr, col_idx, *_ = _library.check_index(index, rows, cols, 1)
+            h = numba_backend.linear_forward(h, values, row_ptr, col_idx, bias, rows, cols, 1, relu_dropout=key)
+            outs.append(h)
+        k = len(layers)
+        ctx.save_for_backward(x, *params, *(layer[0] for layer in layers), *outs)
+        ctx.meta = tuple((rows, cols, key) for _, rows, cols, key in layers), k
+        return h
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, index, y = ctx.saved_tensors
-        rows, cols, scale, has_bias = ctx.meta
-        need_dx, need_dv, need_db = ctx.needs_input_grad[:3]
+        meta, k = ctx.meta
+        saved = ctx.saved_tensors
+        x, params, indices, outs = saved[0], saved[1:1 + 2 * k], saved[1 + 2 * k:1 + 3 * k], saved[1 + 3 * k:]
+        needs = ctx.needs_input_grad
         dy = dy.contiguous()
-        if torch.is_grad_enabled():  # create_graph: the differentiable ops
-            g = dy * ((y > 0).to(dy.dtype) * scale)
-            with backends.use("numba"):
-                dx = _library.linear_grad_input(g, values, index, rows, cols, 1) if need_dx else None
-                dv = _library.linear_grad_weight(g, x, index, rows, cols, 1) if need_dv else None
-            return dx, dv, (g.sum(0) if need_db and has_bias else None), None, None, None, None
-        _, col_idx, block_row, col_ptr, row_idx, perm = _library.check_index(index, rows, cols, 1)
-        dx, dv, db = backends.get("numba").linear_backward_relu_dropout(
-            dy, y, scale, x, values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, need_dx, need_dv)
-        return dx, dv, (db if need_db and has_bias else None), None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: differentiable in everything
+            dx, *grads = _chain_double_backward(x, params, indices, outs, meta, dy, needs)
+            return (dx, None, *grads)
+        numba_backend = backends.get("numba")
+        grads = [None] * (2 * k)
+        for i in reversed(range(k)):
+            rows, cols, key = meta[i]
+            need_dx = i > 0 or needs[0]
+            need_dv, need_db = needs[2 + 2 * i], needs[3 + 2 * i] and params[2 * i + 1] is not None
+            if not (need_dx or need_dv or need_db):
+                break  # nothing needed from here down
+            _, col_idx, block_row, col_ptr, row_idx, perm = _library.check_index(indices[i], rows, cols, 1)
+            dy, grads[2 * i], db = numba_backend.linear_backward_relu_dropout(
+                dy, outs[i], key[3], x if i == 0 else outs[i - 1], params[2 * i], col_ptr, row_idx, perm, block_row,
+                col_idx, rows, cols, need_dx, need_dv)
+            grads[2 * i + 1] = db if need_db else None
+        return (dy if needs[0] else None, None, *grads)
+
+
+def _chain_double_backward(x, params, indices, outs, meta, dy, needs) -> tuple:
+    """The gradients of :class:`_SparseReLUDropoutChain` as differentiable functions of ``dy``,
+    ``x`` and the parameters: ``(dx, dvalues_0, dbias_0, ...)`` (None where not needed)."""
+    k = len(meta)
+    if k == 1:  # the epilogue's gradient, then the differentiable ops
+        (rows, cols, key), (values, bias), (y,) = meta[0], params, outs
+        g = dy * ((y > 0).to(dy.dtype) * key[3])
+        with backends.use("numba"):
+            dx = _library.linear_grad_input(g, values, indices[0], rows, cols, 1) if needs[0] else None
+            dv = _library.linear_grad_weight(g, x, indices[0], rows, cols, 1) if needs[2] else None
+        return dx, dv, (g.sum(0) if needs[3] and bias is not None else None)
+    with torch.enable_grad():  # one node per layer: each layer's input is then in the graph
+        h = x
+        for i in range(k):
+            rows, cols, key = meta[i]
+            h = _SparseReLUDropoutChain.apply(h, ((indices[i], rows, cols, key),), params[2 * i], params[2 * i + 1])
+    wanted = [t for t, need in zip((x,) + tuple(params), (needs[0],) + tuple(needs[2:])) if need and t is not None]
+    got = iter(torch.autograd.grad(h, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need and t is not None else None
+                 for t, need in zip((x,) + tuple(params), (needs[0],) + tuple(needs[2:])))
 
 
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
+_CPU = torch.device("cpu")
 
 
-def _fusable(linear, act, x):
-    """``linear``'s layout when ``act(linear(x))`` may run as :class:`_SparseReLUDropout`, else
-    None (module by module: the modules' own calls raise what there is to raise)."""
+def _fusable_input(x) -> bool:
+    """Whether ``x`` may enter a fused run: a plain eager 2-D fp32/fp64 CPU tensor, no autocast."""
+    return (type(x) is torch.Tensor and x.dim() == 2 and x.dtype in _FUSABLE_DTYPES and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and _library.plain_eager(x))
+
+
+def _fusable(linear, act, dtype, width: int):
+    """``linear``'s layout when ``act(linear(h))`` may run in :class:`_SparseReLUDropoutChain`
+    for an input ``h`` that passed :func:`_fusable_input`, of ``dtype`` and ``width`` features;
+    else None (module by module: the modules' own calls raise what there is to raise)."""
     if not (type(act) is ReLUDropout and act.training and 0.0 < act.p < 1.0 and isinstance(linear, SparseLinear)
-            and linear.block_size == 1 and type(x) is torch.Tensor and x.dim() == 2):
+            and linear.block_size == 1 and width == linear.in_features):
         return None
     values, bias = linear.values, linear.bias
-    dtype = x.dtype
-    if (x.shape[1] != linear.in_features or dtype not in _FUSABLE_DTYPES or values.dtype != dtype
-            or x.device.type != "cpu" or values.device.type != "cpu"
+    if (values.dtype != dtype or values.device.type != "cpu"
             or (bias is not None and (bias.dtype != dtype or bias.shape != (linear.out_features,)))):
         return None
     if (linear._forward_hooks or linear._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks
             or _module._global_forward_hooks or _module._global_forward_pre_hooks):
         return None  # hooks see each module's call
-    if torch.is_autocast_enabled("cpu") or not _library.plain_eager(x, values, bias):
+    if not _library.plain_eager(values, bias):
         return None
     try:
-        if _library.resolve(linear.backend, "linear_forward", x.device, dtype, 1) != "numba":
+        if _library.resolve(linear.backend, "linear_forward", _CPU, dtype, 1) != "numba":
             return None
     except (RuntimeError, ValueError):
         return None
@@ -189,13 +246,21 @@ class FusedSequential(torch.nn.Sequential):
         mods = list(self._modules.values())
         i, n = 0, len(mods)
         while i < n:
-            m = mods[i]
-            layout = _fusable(m, mods[i + 1], x) if i + 1 < n and self.training else None
-            if layout is not None:
-                x = _SparseReLUDropout.apply(x.contiguous(), m.values, m.bias, layout.index, m.out_features,
-                                             m.in_features, _draw_key(mods[i + 1].p))
-                i += 2
+            layers, params = [], []
+            if self.training and i + 1 < n and _fusable_input(x):
+                width = x.shape[1]
+                while i + 1 < n:  # the longest run of fusable pairs from here
+                    m = mods[i]
+                    layout = _fusable(m, mods[i + 1], x.dtype, width)
+                    if layout is None:
+                        break
+                    layers.append((layout.index, m.out_features, m.in_features, _draw_key(mods[i + 1].p)))
+                    params += [m.values, m.bias]
+                    width = m.out_features
+                    i += 2
+            if layers:
+                x = _SparseReLUDropoutChain.apply(x.contiguous(), tuple(layers), *params)
             else:
-                x = m(x)
+                x = mods[i](x)
                 i += 1
         return x
