@@ -282,8 +282,12 @@ def test_fused_sparse_relu_dropout_matches_the_modules(dtype, M, density, monkey
     fused, plain = _mlp(dtype, density)
     x = torch.randn(M, 70, generator=torch.Generator().manual_seed(M), dtype=dtype)
     calls = _count_chain_nodes(monkeypatch)
+    token_major = []  # the path that keeps the activations token-major: taken below 256 tokens with live entries
+    f = nb.relu_dropout_chain_backward
+    monkeypatch.setattr(nb, "relu_dropout_chain_backward", lambda *a: token_major.append(1) or f(*a))
     got = _run(fused, x)
     assert calls == [2]
+    assert len(token_major) == (1 if M < 256 and density != 0.0 else 0)
     ref = _run(plain, x)
     assert calls == [2]
     _assert_same_as_modules(got, ref, plain, M, dtype)

@@ -246,14 +246,32 @@ def test_numba_fused_backward_matches_the_two_kernels_and_fp64(dtype):
             spmm.transpose(x, xT)
             dx = np.full((M, C), np.nan, dtype)
             dv = np.full(nnz, np.nan, dtype)
-            spmm._backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, spmm.ROW_CHUNK)
+            spmm._backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, spmm.ROW_CHUNK, False)
             dx2 = np.full((M, C), np.nan, dtype)
             dv2 = np.full(nnz, np.nan, dtype)
-            spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx2, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0)
+            spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx2, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0,
+                         False)
             spmm._sddmm_t(dyT, xT, M, block_row, col_idx, dv2, spmm.ENTRY_CHUNK)
             where = f"{R}x{C} d={density} M={M}"
             np.testing.assert_array_equal(dx, dx2, err_msg=where)
             np.testing.assert_array_equal(dv, dv2, err_msg=where)
+            # token-major dx (the fused run's layers above the first): the same values, transposed,
+            # padding tokens zero; from the fused pass, the dX kernel and the dispatcher
+            for fn in ("backward", "spmm", "grads_t"):
+                dx_t = np.full((C, Mp), np.nan, dtype)
+                dv3 = np.full(nnz, np.nan, dtype)
+                if fn == "backward":
+                    spmm._backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx_t, dv3, spmm.ROW_CHUNK, True)
+                    np.testing.assert_array_equal(dv3, dv, err_msg=where)
+                elif fn == "spmm":
+                    spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx_t, spmm.ROW_CHUNK,
+                                 spmm.NO_ACT, 1.0, True)
+                else:
+                    spmm.grads_t(dyT, xT, M, v, col_ptr, row_idx, perm, block_row, col_idx, True, True, dx_t, dv3,
+                                 spmm.ROW_CHUNK, spmm.ENTRY_CHUNK, True)
+                    np.testing.assert_array_equal(dv3, dv, err_msg=where)
+                np.testing.assert_array_equal(dx_t[:, :M], dx.T, err_msg=f"{fn} {where}")
+                np.testing.assert_array_equal(dx_t[:, M:], 0, err_msg=f"{fn} padding {where}")
             w = np.zeros((R, C))
             w[block_row, col_idx] = v
             tol = 1e-5 if dtype == "float32" else 1e-12
@@ -389,6 +407,44 @@ def test_numba_scratch_from_huge_page_mappings(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_forward_token_major_output(dtype):
+    """The forward kernel writing its output token-major (the fused run's layers below the last):
+    the row-major forward's values, transposed, bit for bit, with and without the ReLU + dropout
+    epilogue, padding tokens zero; empty rows, density 0 and 1, outputs poisoned first."""
+    from set_kernels.ops import _library
+
+    np, spmm = _numba_spmm()
+    rng = np.random.default_rng(6)
+    itemsize = np.dtype(dtype).itemsize
+    tile = 4 * 64 // itemsize
+    act = np.array([1, 0x12345678, 0x9ABCDEF, int(0.3 * 2**32)], dtype=np.int64)
+    for k, (R, C, density) in enumerate([(50, 70, 0.2), (1, 33, 0.5), (40, 1, 1.0), (20, 30, 0.0), (90, 64, 0.03)]):
+        layout = sk.BlockSparseLayout.random(R, C, 1, density, generator=gen(10 + k))
+        row_ptr, col_idx = (t.numpy() for t in _library.check_index(layout.index, R, C, 1)[:2])
+        v = rng.standard_normal(layout.nnz_blocks).astype(dtype)
+        bias = rng.standard_normal(R).astype(dtype)
+        for M in (1, 5, tile - 1, tile + 9, 3 * tile + 1):
+            x = rng.standard_normal((M, C)).astype(dtype)
+            Mp = spmm.padded_tokens(M, itemsize)
+            x_t = np.full((C, Mp), np.nan, dtype)
+            spmm.transpose(x, x_t)
+            for a, scale in ((spmm.NO_ACT, 1.0), (act, 1 / 0.7)):
+                y = np.full((M, R), np.nan, dtype)
+                y_t = np.full((R, Mp), np.nan, dtype)
+                spmm._spmm_t(x_t, M, v, row_ptr, col_idx, col_idx, False, bias, True, y, spmm.ROW_CHUNK, a, scale,
+                             False)
+                spmm._spmm_t(x_t, M, v, row_ptr, col_idx, col_idx, False, bias, True, y_t, spmm.ROW_CHUNK, a, scale,
+                             True)
+                where = f"{R}x{C} d={density} M={M} act={bool(a[0])}"
+                assert not np.isnan(y).any(), where
+                np.testing.assert_array_equal(y_t[:, :M], y.T, err_msg=where)
+                np.testing.assert_array_equal(y_t[:, M:], 0, err_msg=f"padding {where}")
+            with pytest.raises(ValueError, match="token-major"):
+                spmm._spmm_t(x_t, M, v, row_ptr, col_idx, col_idx, False, bias, True, np.empty((R, Mp + 16), dtype),
+                             spmm.ROW_CHUNK, spmm.NO_ACT, 1.0, True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_transpose_act_grad(dtype):
     """The fused backward's first step against its definition: ``(dy * scale * (y > 0)).T`` with
     zero padding to whole vectors and the bias gradient (the sum over tokens), on edge sizes,
@@ -410,4 +466,14 @@ def test_numba_transpose_act_grad(dtype):
             np.testing.assert_array_equal(out[:, M:], 0, err_msg=f"padding M={M} n={n}")
             tol = 1e-5 if dtype == "float32" else 1e-12
             np.testing.assert_allclose(dbias, g.astype(np.float64).sum(0), rtol=tol, atol=tol * M)
+            # the same on token-major operands, in place (the fused run's layers below the last)
+            g_t = np.full((n, Mp), np.nan, dtype=dtype)
+            g_t[:, :M] = dy.T
+            y_t = np.full((n, Mp), np.nan, dtype=dtype)
+            y_t[:, :M] = y.T
+            dbias2 = np.full(n, np.nan, dtype=dtype)
+            spmm.act_grad_tm(g_t, y_t, M, 1.25, dbias2)
+            np.testing.assert_array_equal(g_t[:, :M], g.T, err_msg=f"tm M={M} n={n}")
+            assert np.isnan(g_t[:, M:]).all(), "act_grad_tm wrote past the tokens"
+            np.testing.assert_allclose(dbias2, g.astype(np.float64).sum(0), rtol=tol, atol=tol * M)
 

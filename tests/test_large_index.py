@@ -178,19 +178,20 @@ def _numba_signatures():
         # element sparsity (block size 1)
         (spmm.transpose, (arr(f32, 2), arr(f32, 2))),
         (spmm._spmm_t, (arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, boolean, arr(f32, 1), boolean, arr(f32, 2),
-                        i64, arr(i64, 1), types.float64)),
+                        i64, arr(i64, 1), types.float64, boolean)),
         (spmm._sddmm_t, (arr(f32, 2), arr(f32, 2), i64, idx, idx, arr(f32, 1), i64)),
         (spmm._backward_t, (arr(f32, 2), arr(f32, 2), i64, arr(f32, 1), idx, idx, idx, arr(f32, 2), arr(f32, 1),
-                            i64)),
+                            i64, boolean)),
         (spmm._spmm_long, (arr(f32, 2), i64, arr(f32, 1), idx, idx, arr(f32, 1), boolean, arr(f32, 2), i64, i64,
                            arr(i64, 1), types.float64)),
         (spmm.transpose_act_grad, (arr(f32, 2), arr(f32, 2), types.float64, arr(f32, 2), arr(f32, 1))),
+        (spmm.act_grad_tm, (arr(f32, 2), arr(f32, 2), i64, types.float64, arr(f32, 1))),
     ]
 
 
-@pytest.mark.parametrize("case", range(11), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
+@pytest.mark.parametrize("case", range(12), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
                                                  "transpose", "spmm_t", "sddmm_t", "backward_t", "spmm_long",
-                                                 "transpose_act_grad"])
+                                                 "transpose_act_grad", "act_grad_tm"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]
     narrow = _narrow_integer_values(fn.py_func, sig)

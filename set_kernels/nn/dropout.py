@@ -134,10 +134,15 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
     One node for the run instead of one per layer: a width-1,000 SET-MLP step spent about
     60 us per layer and pass in autograd's per-node work and the op's own checks.
 
-    Kept for the backward pass: ``x``, every layer's output (the next layer's input) and the
-    parameters. The backward pass takes each layer's epilogue gradient, ``dx`` and ``dW`` in
-    one kernel (:func:`set_kernels.backends.numba.linear_backward_relu_dropout`), last layer
-    first. A double backward (``create_graph``) replays the forward as single-layer nodes
+    For the usual case (1 to 255 tokens, every layer with live entries) the activations between
+    the layers stay token-major (:func:`set_kernels.backends.numba.relu_dropout_chain_forward`):
+    each layer's input is transposed once, for the forward, the backward and the next layer,
+    and each layer's ``dx`` is written token-major for the epilogue gradient and the kernels of
+    the layer below, so that a run of ``k`` layers makes two transposes per step instead of
+    ``4k``. Otherwise the layers run one after the other through
+    :func:`set_kernels.backends.numba.linear_forward` and
+    :func:`set_kernels.backends.numba.linear_backward_relu_dropout`. Either way the outputs,
+    ``dx`` and ``dW`` are the same bits. A double backward (``create_graph``) replays the forward as single-layer nodes
     (the same keys, so the same masks and values) and differentiates that with the
     differentiable ops, so that every layer's input stays connected to the graph.
     """
@@ -145,15 +150,21 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layers, *params):
         numba_backend = backends.get("numba")
-        h, outs = x, []
-        for (index, rows, cols, key), values, bias in zip(layers, params[0::2], params[1::2]):
-            row_ptr, col_idx, *_ = _library.check_index(index, rows, cols, 1)
-            h = numba_backend.linear_forward(h, values, row_ptr, col_idx, bias, rows, cols, 1, relu_dropout=key)
-            outs.append(h)
-        k = len(layers)
+        values = params[0::2]
+        parts = [_library.check_index(index, rows, cols, 1) for index, rows, cols, _ in layers]
+        if numba_backend.relu_dropout_chain_ok(x.shape[0], values):  # activations kept token-major
+            y, ctx.inputs_t = numba_backend.relu_dropout_chain_forward(
+                x, [(v, b, p[0], p[1], rows, cols, key) for (_, rows, cols, key), v, b, p in
+                    zip(layers, values, params[1::2], parts)])
+            outs = (y,)
+        else:  # no tokens, a layer without live entries, or many tokens: layer by layer
+            h, outs, ctx.inputs_t = x, [], None
+            for (_, rows, cols, key), v, b, p in zip(layers, values, params[1::2], parts):
+                h = numba_backend.linear_forward(h, v, p[0], p[1], b, rows, cols, 1, relu_dropout=key)
+                outs.append(h)
         ctx.save_for_backward(x, *params, *(layer[0] for layer in layers), *outs)
-        ctx.meta = tuple((rows, cols, key) for _, rows, cols, key in layers), k
-        return h
+        ctx.meta = tuple((rows, cols, key) for _, rows, cols, key in layers), len(layers)
+        return outs[-1]
 
     @staticmethod
     def backward(ctx, dy):
@@ -163,30 +174,38 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy = dy.contiguous()
         if torch.is_grad_enabled():  # create_graph: differentiable in everything
-            dx, *grads = _chain_double_backward(x, params, indices, outs, meta, dy, needs)
+            dx, *grads = _chain_double_backward(x, params, indices, outs[-1], meta, dy, needs)
             return (dx, None, *grads)
         numba_backend = backends.get("numba")
+        need_dv = [needs[2 + 2 * i] for i in range(k)]
+        need_db = [needs[3 + 2 * i] and params[2 * i + 1] is not None for i in range(k)]
+        parts = [_library.check_index(index, rows, cols, 1) for index, (rows, cols, _) in zip(indices, meta)]
+        if ctx.inputs_t is not None:
+            dx, dvs, dbs = numba_backend.relu_dropout_chain_backward(
+                dy, outs[-1], ctx.inputs_t,
+                [(params[2 * i], p[3], p[4], p[5], p[2], p[1], rows, cols, key[3])
+                 for i, (p, (rows, cols, key)) in enumerate(zip(parts, meta))], needs[0], need_dv, need_db)
+            return (dx, None, *(g for pair in zip(dvs, dbs) for g in pair))
         grads = [None] * (2 * k)
         for i in reversed(range(k)):
-            rows, cols, key = meta[i]
+            (rows, cols, key), p = meta[i], parts[i]
             need_dx = i > 0 or needs[0]
-            need_dv, need_db = needs[2 + 2 * i], needs[3 + 2 * i] and params[2 * i + 1] is not None
-            if not (need_dx or need_dv or need_db):
+            if not (need_dx or need_dv[i] or need_db[i]):
                 break  # nothing needed from here down
-            _, col_idx, block_row, col_ptr, row_idx, perm = _library.check_index(indices[i], rows, cols, 1)
             dy, grads[2 * i], db = numba_backend.linear_backward_relu_dropout(
-                dy, outs[i], key[3], x if i == 0 else outs[i - 1], params[2 * i], col_ptr, row_idx, perm, block_row,
-                col_idx, rows, cols, need_dx, need_dv)
-            grads[2 * i + 1] = db if need_db else None
+                dy, outs[i], key[3], x if i == 0 else outs[i - 1], params[2 * i], p[3], p[4], p[5], p[2], p[1],
+                rows, cols, need_dx, need_dv[i])
+            grads[2 * i + 1] = db if need_db[i] else None
         return (dy if needs[0] else None, None, *grads)
 
 
-def _chain_double_backward(x, params, indices, outs, meta, dy, needs) -> tuple:
+def _chain_double_backward(x, params, indices, y, meta, dy, needs) -> tuple:
     """The gradients of :class:`_SparseReLUDropoutChain` as differentiable functions of ``dy``,
-    ``x`` and the parameters: ``(dx, dvalues_0, dbias_0, ...)`` (None where not needed)."""
+    ``x`` and the parameters: ``(dx, dvalues_0, dbias_0, ...)`` (None where not needed); ``y``
+    the last layer's output."""
     k = len(meta)
     if k == 1:  # the epilogue's gradient, then the differentiable ops
-        (rows, cols, key), (values, bias), (y,) = meta[0], params, outs
+        (rows, cols, key), (values, bias) = meta[0], params
         g = dy * ((y > 0).to(dy.dtype) * key[3])
         with backends.use("numba"):
             dx = _library.linear_grad_input(g, values, indices[0], rows, cols, 1) if needs[0] else None

@@ -393,6 +393,97 @@ def _element_backward(dy, y, scale, x, values, col_ptr, row_idx, perm, block_row
     return (dx if need_dx else None), (dv if need_dv else None), dbias
 
 
+def relu_dropout_chain_ok(M: int, values) -> bool:
+    """Whether :func:`relu_dropout_chain_forward` serves a run of layers with these ``values``
+    on ``M`` tokens: ``1 <= M < spmm.LONG_RUN_MIN`` (the forward kernel of few tokens, which can
+    write token-major output) and every layer with live entries."""
+    return 0 < M < _load()[3].LONG_RUN_MIN and all(v.shape[0] > 0 for v in values)
+
+
+def relu_dropout_chain_forward(x, layers):
+    """``k >= 1`` element layers ``h = ReLUDropout(h @ W_i.T + b_i)``, the activations between
+    them kept token-major.
+
+    ``x (M, cols_0)`` contiguous, with :func:`relu_dropout_chain_ok`; ``layers``: per layer
+    ``(values (nnz_i, 1, 1), bias (rows_i,) or None, row_ptr, col_idx, rows_i, cols_i, key_i)``
+    with ``cols_{i+1} == rows_i`` and ``key_i`` the epilogue key of :func:`linear_forward`.
+    Returns ``(y, inputs_t)``: ``y (M, rows_last)``, what :func:`linear_forward` with
+    ``relu_dropout`` gives layer after layer, bit for bit (the same kernel and sums), and each
+    layer's input token-major, ``(cols_i, Mp)`` with the padding tokens zero: ``inputs_t[0]`` is
+    ``x`` transposed, ``inputs_t[i]`` layer ``i - 1``'s output as the kernel wrote it. A layer's
+    input is then never transposed again: not by the next layer's forward, not by the backward
+    (:func:`relu_dropout_chain_backward`).
+    """
+    spmm = _load()[3]
+    xn = _np(x)
+    M = xn.shape[0]
+    Mp = spmm.padded_tokens(M, xn.itemsize)
+    a_t = torch.empty(xn.shape[1], Mp, dtype=x.dtype)
+    spmm.transpose(xn, a_t.numpy())
+    inputs_t = [a_t]
+    for i, (values, bias, row_ptr, col_idx, rows, cols, key) in enumerate(layers):
+        _check_index(row_ptr)
+        _check_index(col_idx)
+        last = i == len(layers) - 1
+        out = torch.empty((M, rows) if last else (rows, Mp), dtype=x.dtype)
+        vn, ci = _np(values).reshape(-1), _np(col_idx)
+        bn, has_bias = (vn[:0], False) if bias is None else (_np(bias), True)
+        spmm._spmm_t(inputs_t[-1].numpy(), M, vn, _np(row_ptr), ci, ci, False, bn, has_bias, out.numpy(),
+                     spmm.ROW_CHUNK, np.array([1, *key[:3]], dtype=np.int64), float(key[3]), not last)
+        if not last:
+            inputs_t.append(out)
+    return out, tuple(inputs_t)
+
+
+def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv, need_db):
+    """The gradients of :func:`relu_dropout_chain_forward` from ``dy (M, rows_last)``, the
+    gradient of its output ``y``: ``(dx (M, cols_0) or None, [dv_i (nnz_i, 1, 1) or None],
+    [dbias_i (rows_i,) or None])``.
+
+    ``layers``: per layer ``(values, col_ptr, row_idx, perm, block_row, col_idx, rows_i, cols_i,
+    scale_i)``; ``need_dv``, ``need_db``: per layer. Last layer first: its epilogue's gradient is
+    taken in the transpose of ``dy`` (:func:`.spmm.transpose_act_grad`); each layer's ``dx`` and
+    ``dW`` come from one pass (:func:`.spmm.grads_t`), ``dx`` token-major for every layer but the
+    first, so that the epilogue gradient of the layer below is taken in place on it
+    (:func:`.spmm.act_grad_tm`), with no transpose. The same values as
+    :func:`linear_backward_relu_dropout` layer by layer, bit for bit, apart from the bias
+    gradients' order of summation.
+    """
+    spmm = _load()[3]
+    dyn = _np(dy)
+    M, k = dyn.shape[0], len(layers)
+    Mp = inputs_t[0].shape[1]
+    rows_last = layers[-1][6]
+    (g_t,) = _scratch(dyn.dtype, (rows_last, Mp))
+    db = torch.empty(rows_last, dtype=dy.dtype)
+    spmm.transpose_act_grad(dyn, _np(y), float(layers[-1][8]), g_t, db.numpy())
+    dvs, dbs, dx = [None] * k, [None] * k, None
+    for i in reversed(range(k)):
+        values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, scale = layers[i]
+        if i < k - 1:
+            db = torch.empty(rows, dtype=dy.dtype)
+            spmm.act_grad_tm(g_t, inputs_t[i + 1].numpy(), M, float(scale), db.numpy())
+        dbs[i] = db if need_db[i] else None
+        ndx = i > 0 or need_dx
+        if not (ndx or need_dv[i]):
+            break
+        for t in (col_ptr, row_idx, perm, block_row, col_idx):
+            _check_index(t)
+        vn = _np(values).reshape(-1)
+        dv = torch.empty(values.shape, dtype=dy.dtype) if need_dv[i] else None
+        if i > 0:
+            dxn = np.empty((cols, Mp), dtype=dyn.dtype)
+        else:
+            dx = torch.empty(M, cols, dtype=dy.dtype) if ndx else None
+            dxn = g_t[:0] if dx is None else dx.numpy()
+        spmm.grads_t(g_t, inputs_t[i].numpy(), M, vn, _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
+                     _np(col_idx), ndx, dv is not None, dxn, vn[:0] if dv is None else dv.numpy().reshape(-1),
+                     spmm.ROW_CHUNK, spmm.ENTRY_CHUNK, i > 0)
+        dvs[i] = dv
+        g_t = dxn
+    return dx, dvs, dbs
+
+
 def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float, beta2: float,
                  eps: float, weight_decay: float, decoupled_weight_decay: bool, grad_scale=None,
                  found_inf=None) -> None:

@@ -111,11 +111,28 @@ NO_ACT = np.zeros(4, dtype=np.int64)
 
 
 @njit(inline="always")
-def _store_tile_act(tile, out, t0, tn, o0, rc, act, scale):
-    """:func:`_store_tile` with the ReLU + dropout epilogue of ``act`` (see ``NO_ACT``), applied
-    to the tile's rows first (a loop over tokens, which vectorises: element ``(t, o)`` of ``out``
+def _store_tile_tm(tile, outT, t0, tn, o0, rc, M):
+    """``outT[o0 + i, t0 + t] = tile[i, t]`` for ``t < tn``, ``i < rc``, into a token-major
+    ``outT (n_out, Mp)``; the padding tokens ``M:Mp`` of those rows are zeroed when this tile is
+    the last one (the next kernel reads whole vectors of every row)."""
+    zero = outT.dtype.type(0)
+    pad = t0 + tn == M
+    for i in range(rc):
+        dst = outT[o0 + i]
+        src = tile[i]
+        for t in range(tn):
+            dst[t0 + t] = src[t]
+        if pad:
+            for t in range(M, outT.shape[1]):
+                dst[t] = zero
+
+
+@njit(inline="always")
+def _apply_act(tile, t0, tn, o0, rc, n_out, act, scale):
+    """The ReLU + dropout epilogue of ``act`` (see ``NO_ACT``) on a ``(rc, tn)`` token-major tile
+    of an ``(M, n_out)`` output, in place (a loop over tokens, which vectorises: element ``(t, o)``
     has the row-major index ``t * n_out + o``)."""
-    n_out = np.int64(out.shape[1])
+    n_out = np.int64(n_out)
     zero = tile.dtype.type(0)
     s = tile.dtype.type(scale)
     k0, k1, threshold = act[1], act[2], act[3]
@@ -135,7 +152,18 @@ def _store_tile_act(tile, out, t0, tn, o0, rc, act, scale):
                 keep = keep_element(idx, k0, k1, threshold, idx)
                 a = row[t]
                 row[t] = (a if a > zero else zero) * s if keep else zero
-    _store_tile(tile, out, t0, tn, o0, rc)
+
+
+@njit(inline="always")
+def _finish_tile(tile, out, t0, tn, o0, rc, M, n_out, act, scale, tm_out):
+    """The epilogue ``act`` (if on), then the tile into ``out``: row-major ``(M, n_out)``, or
+    token-major ``(n_out, Mp)`` when ``tm_out``."""
+    if act[0]:
+        _apply_act(tile, t0, tn, o0, rc, n_out, act, scale)
+    if tm_out:
+        _store_tile_tm(tile, out, t0, tn, o0, rc, M)
+    else:
+        _store_tile(tile, out, t0, tn, o0, rc)
 
 
 @njit(**_FLAGS)
@@ -183,8 +211,9 @@ def transpose(a, out):
 
 
 @njit(**_EXACT)
-def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC, act, scale):
-    """``out (M, n_out) = (Op @ aT[:, :M]).T`` with Op sparse in compressed rows.
+def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC, act, scale, tm_out):
+    """``out (M, n_out) = (Op @ aT[:, :M]).T`` with Op sparse in compressed rows (or, when
+    ``tm_out``, its token-major ``out (n_out, Mp) = Op @ aT``, padding tokens zero).
 
     Output feature ``o`` owns entries ``ptr[o]:ptr[o+1]``; entry ``e`` reads row ``idx[e]`` of
     ``aT (n_in, Mp)`` (rows zero-padded to whole vectors) with weight ``v[perm[e] if use_perm
@@ -196,6 +225,8 @@ def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC, act, sc
     ``act``, ``scale``: the epilogue (``NO_ACT``: none).
     """
     n_out = ptr.shape[0] - 1
+    if tm_out and (out.shape[0] != n_out or out.shape[1] != aT.shape[1]):
+        raise ValueError("_spmm_t: a token-major output must be (n_out, Mp) with the operand's Mp")
     VL = lanes(aT.itemsize)
     TM = NV_MAX * VL
     if aT.shape[1] % VL != 0 or aT.shape[1] < M:
@@ -218,10 +249,7 @@ def _spmm_t(aT, M, v, ptr, idx, perm, use_perm, bias, has_bias, out, RC, act, sc
                 b0 = bias[o] if has_bias else zero
                 row_accumulate(tile[i], aT, idx, v, perm, use_perm, np.int64(ptr[o]), np.int64(ptr[o + 1]), t0,
                                np.int64(nv), b0, pf, last, ahead)
-            if act[0]:
-                _store_tile_act(tile, out, t0, tn, o0, rc, act, scale)
-            else:
-                _store_tile(tile, out, t0, tn, o0, rc)
+            _finish_tile(tile, out, t0, tn, o0, rc, M, n_out, act, scale, tm_out)
 
 
 @njit(**_SERIAL)
@@ -233,7 +261,7 @@ def linear_forward(x, v, row_ptr, col_idx, bias, has_bias, y, xT, RC, act, scale
     if x.shape[0] >= LONG_RUN_MIN:
         _spmm_long(xT, x.shape[0], v, row_ptr, col_idx, bias, has_bias, y, LONG_TILE, RC, act, scale)
     else:
-        _spmm_t(xT, x.shape[0], v, row_ptr, col_idx, col_idx, False, bias, has_bias, y, RC, act, scale)
+        _spmm_t(xT, x.shape[0], v, row_ptr, col_idx, col_idx, False, bias, has_bias, y, RC, act, scale, False)
 
 
 @njit(**_FLAGS)
@@ -283,17 +311,14 @@ def _spmm_long(aT, M, v, ptr, idx, bias, has_bias, out, TM, RC, act, scale):
                     for t in range(tn):
                         acc[t] += w0 * x0[t]
                     e += 1
-            if act[0]:
-                _store_tile_act(tile, out, t0, tn, o0, rc, act, scale)
-            else:
-                _store_tile(tile, out, t0, tn, o0, rc)
+            _finish_tile(tile, out, t0, tn, o0, rc, M, n_out, act, scale, False)
 
 
 @njit(**_SERIAL)
 def linear_grad_input(dy, v, col_ptr, row_idx, perm, dx, dyT, RC):
     """Input gradient ``dx (M, cols) = dy (M, rows) @ W`` through the transposed index."""
     transpose(dy, dyT)
-    _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0)
+    _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0, False)
 
 
 @njit(**_FLAGS)
@@ -345,29 +370,58 @@ def linear_backward(dy, x, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv
         transpose_act_grad(dy, y, scale, dyT, dbias)
     else:
         transpose(dy, dyT)
+    if need_dv:
+        transpose(x, xT)
+    grads_t(dyT, xT, dy.shape[0], v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, RC, EC, False)
+
+
+@njit(**_SERIAL)
+def grads_t(dyT, xT, M, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, dx, dv, RC, EC, tm_out):
+    """The gradients from token-major operands ``dyT (rows, Mp)`` and ``xT (cols, Mp)`` (``xT``
+    read only when ``need_dv``): ``dx = dy @ W`` when ``need_dx``, row-major ``(M, cols)`` or
+    token-major ``(cols, Mp)`` when ``tm_out``, and ``dv[e] = dot(dyT[row[e]], xT[col[e]])``
+    when ``need_dv``. Both from one pass (:func:`_backward_t`) when both are needed."""
     if need_dx and need_dv:
-        transpose(x, xT)
-        _backward_t(dyT, xT, dy.shape[0], v, col_ptr, row_idx, perm, dx, dv, RC)
+        _backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, RC, tm_out)
     elif need_dx:
-        _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0)
+        _spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0, tm_out)
     elif need_dv:
-        transpose(x, xT)
-        _sddmm_t(dyT, xT, dy.shape[0], row, col, dv, EC)
+        _sddmm_t(dyT, xT, M, row, col, dv, EC)
+
+
+@njit(**_FLAGS)
+def act_grad_tm(gT, yT, M, scale, dbias):
+    """:func:`transpose_act_grad` on operands already token-major, in place: ``gT[j, t] =
+    gT[j, t] * scale if yT[j, t] > 0 else 0`` for ``t < M``, and ``dbias[j] = sum_t gT[j, t]``
+    (tokens in order), for ``gT, yT (n, Mp)``; the padding tokens are left as they are."""
+    zero = gT.dtype.type(0)
+    s = gT.dtype.type(scale)
+    for j in prange(gT.shape[0]):
+        g = gT[j]
+        a = yT[j]
+        total = zero
+        for t in range(M):
+            r = g[t] * s if a[t] > zero else zero
+            g[t] = r
+            total += r
+        dbias[j] = total
 
 
 @njit(**_EXACT)
-def _backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, RC):
+def _backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, RC, tm_out):
     """``dx (M, cols) = dy @ W`` and ``dv[e] = dot(dyT[row[e], :M], xT[col[e], :M])`` in one pass
     over the transposed index: each live entry's ``dyT`` row is gathered once and serves both
     (:func:`.simd.column_grads`), which halves the gathers of a backward pass against the dX
     SpMM plus the SDDMM. Work items are ``RC`` input features, all token tiles (so that every
     ``dv`` entry is summed over the tiles by one thread; no atomics); ``dx`` is written as in
-    :func:`_spmm_t`."""
+    :func:`_spmm_t`: row-major ``(M, cols)``, or token-major ``(cols, Mp)`` when ``tm_out``."""
     n_in = col_ptr.shape[0] - 1
     VL = lanes(xT.itemsize)
     TM = NV_MAX * VL
     if xT.shape[1] % VL != 0 or dyT.shape[1] != xT.shape[1] or xT.shape[1] < M:
         raise ValueError("_backward_t: operand rows must be padded to the same whole vectors")
+    if tm_out and (dx.shape[0] != n_in or dx.shape[1] != xT.shape[1]):
+        raise ValueError("_backward_t: a token-major dx must be (cols, Mp) with the operands' Mp")
     last = np.int64(row_idx.shape[0]) - 1
     n_tiles = (M + TM - 1) // TM
     n_chunks = (n_in + RC - 1) // RC
@@ -387,7 +441,10 @@ def _backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, RC):
                     c = np.int64(c0 + i)
                     column_grads(tile[i], dyT, xT, c, row_idx, v, perm, dv, np.int64(col_ptr[c]),
                                  np.int64(col_ptr[c + 1]), t0, np.int64(nv), tt == 0, pf, last, ahead)
-                _store_tile(tile, dx, t0, tn, c0, rc)
+                if tm_out:
+                    _store_tile_tm(tile, dx, t0, tn, c0, rc, M)
+                else:
+                    _store_tile(tile, dx, t0, tn, c0, rc)
 
 
 @njit(**_EXACT)
