@@ -154,6 +154,37 @@ def test_loading_another_topology_size_names_the_layer_and_cause(other):
     assert dst(x).shape == (3, 48)
 
 
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("corrupt", ["col_out_of_range", "col_negative", "row_ptr_past_nnz", "row_ptr_decreasing",
+                                     "cols_unsorted"])
+def test_a_corrupt_checkpoint_index_is_an_error_not_a_memory_fault(block_size, corrupt):
+    """The layout is rebuilt from the row_ptr / col_idx buffers after load_state_dict: corrupt ones
+    (the same number of live blocks, so the loader copies them) raise a ValueError naming the
+    layer's buffers before the index builder reads them (it would write out of bounds)."""
+    layer = sk.nn.SparseLinear(64, 48, density=0.5, block_size=block_size, generator=gen(2))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    ci, rp = state["col_idx"], state["row_ptr"]
+    n_cols = 64 // block_size
+    if corrupt == "col_out_of_range":
+        ci[len(ci) // 2] = n_cols + 1000
+    elif corrupt == "col_negative":
+        ci[0] = -5
+    elif corrupt == "row_ptr_past_nnz":
+        rp[-1] = len(ci) + 7
+    elif corrupt == "row_ptr_decreasing":
+        rp[1], rp[2] = rp[2] + 1, rp[1]
+    else:
+        row = int(torch.nonzero(rp[1:] - rp[:-1] >= 2)[0])
+        a = int(rp[row])
+        ci[a], ci[a + 1] = ci[a + 1].clone(), ci[a].clone()
+    with pytest.raises(ValueError, match="SparseLinear: the row_ptr / col_idx buffers are not a valid layout"):
+        layer.load_state_dict(state)
+    good = sk.nn.SparseLinear(64, 48, density=0.5, block_size=block_size, generator=gen(3))
+    layer.load_state_dict(good.state_dict())  # a valid checkpoint still loads afterwards
+    x = randn(3, 64)
+    torch.testing.assert_close(layer(x), good(x))
+
+
 def test_set_rejects_an_optimizer_without_the_sparse_parameters():
     model = torch.nn.Sequential(sk.nn.SparseLinear(20, 10, density=0.5, block_size=1), torch.nn.Linear(10, 2))
     other = torch.optim.SGD(model[1].parameters(), lr=0.1)

@@ -112,8 +112,19 @@ class SparseLinear(torch.nn.Module):
         key = self._layout_key
         if (self._layout is None or key[0] is not self.row_ptr or key[1] is not self.col_idx
                 or key[2] != self.row_ptr._version or key[3] != self.col_idx._version):
-            self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, (self.out_features, self.in_features),
-                                             self.block_size)
+            shape = (self.out_features, self.in_features)
+            if self.row_ptr.device.type == "meta":  # no values: nothing to read or check
+                self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, shape, self.block_size)
+            else:
+                # The buffers may come from anywhere (a checkpoint, a broadcast, a user's copy_):
+                # checked before the index builder reads them, which would otherwise write out of
+                # bounds on a corrupt one.
+                try:
+                    self._layout = BlockSparseLayout.from_csr(self.row_ptr, self.col_idx, self.block_size, shape)
+                except ValueError as exc:
+                    raise ValueError(f"SparseLinear: the row_ptr / col_idx buffers are not a valid layout of a "
+                                     f"{shape[0]} x {shape[1]} weight in {self.block_size} x {self.block_size} "
+                                     f"blocks (a corrupt or foreign checkpoint?): {exc}") from None
             self._layout_key = self._buffer_key()
         return self._layout
 

@@ -37,6 +37,14 @@ Design:
   element and every ``dW`` entry is written by one thread), and the SDDMM owns live entries. The
   forward and dX accumulate ``ROW_CHUNK`` features x one token tile in a small tile and write it
   straight into the row-major output, as contiguous segments of ``ROW_CHUNK`` values.
+* **Token-major between layers.** :func:`_spmm_t` and :func:`_backward_t` can also store their
+  tiles token-major (``tm_out``: ``(n_out, Mp)``, padding tokens zeroed), and
+  :func:`act_grad_tm` takes the ReLU + dropout gradient in place on such an array. A run of fused
+  layers (:func:`set_kernels.backends.numba.relu_dropout_chain_forward`) then keeps its
+  activations token-major: each layer's output is already the next layer's transposed operand,
+  for its forward and for its backward's ``dW``, and each ``dx`` already the transposed ``dy`` of
+  the layer below. Two transposes per step remain (the run's input, the gradient of its output)
+  where four per layer were made.
 * **Exact sums.** The kernels built on the intrinsics are compiled without fastmath (numba would
   put fast-math flags on the intrinsics' instructions too, and LLVM would then reorder each
   kernel's sums its own way).
