@@ -296,8 +296,8 @@ def test_fused_sparse_relu_dropout_matches_the_modules(dtype, M, density, monkey
 def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
     """Three pairs, a hook on the middle SparseLinear: the first and last pairs run fused (one
     layer each), the middle one module by module, and everything is still what the modules give.
-    An input that needs no gradient and a frozen first layer: no dx and no dW there, the rest
-    as the modules give it."""
+    An input that needs no gradient, a frozen first layer and frozen middle weights: no dx and no
+    dW where none is needed, the rest as the modules give it."""
     from set_kernels.backends import numba as nb
 
     if not nb.availability()[0]:
@@ -311,8 +311,9 @@ def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
     assert calls == [1, 1] and len(seen) == 2
     _assert_same_as_modules(got, ref, plain, 11, torch.float64)
     handle.remove()
-    fused[0].values.requires_grad_(False)
-    fused[0].bias.requires_grad_(False)
+    frozen = (fused[0].values, fused[0].bias, fused[2].values)  # the middle layer: dx but no dW
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         results = []
         for model in (fused, plain):
@@ -323,7 +324,7 @@ def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
             y.backward(torch.ones_like(y))
             results.append([y] + [p.grad for p in model.parameters()])
         assert calls == [1, 1, 3]
-        assert results[0][1] is None and results[0][2] is None
+        assert results[0][1] is None and results[0][2] is None and results[0][3] is None
         for name, a, b in zip(["y"] + [n for n, _ in plain.named_parameters()], *results):
             if a is None or b is None:
                 assert a is None and b is None, name
@@ -332,8 +333,8 @@ def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
             else:
                 assert torch.equal(a, b), name
     finally:
-        fused[0].values.requires_grad_(True)
-        fused[0].bias.requires_grad_(True)
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def test_fused_path_falls_back_to_the_modules():
