@@ -9,10 +9,10 @@ seed is kept for the backward pass, which recomputes the mask (no mask tensor is
 devices, dtypes, traced code, or a machine without numba fall back to ``F.dropout``.
 
 ``ReLUDropout`` is ``ReLU`` then ``Dropout`` in one kernel: the same masks and the same values,
-bit for bit, as the two modules in a row (for finite inputs; a NaN input may come out as 0). Its backward pass needs no hash: it keeps the output
-``y`` (which the next layer keeps as its input anyway) and passes ``grad * scale`` where
-``y > 0``, which is exactly where the element was kept and its input was positive. One autograd
-node and one kernel per pass instead of two.
+bit for bit, as the two modules in a row (for finite inputs; a NaN input may come out as 0).
+Its backward pass needs no hash: it keeps the output ``y`` (which the next layer keeps as its
+input anyway) and passes ``grad * scale`` where ``y > 0``, which is exactly where the element was
+kept and its input was positive. One autograd node and one kernel per pass instead of two.
 
 ``FusedSequential`` is ``nn.Sequential`` that runs each run of consecutive element-level
 ``SparseLinear`` + ``ReLUDropout`` pairs as one op in training, when the numba backend serves them
@@ -142,9 +142,9 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
     ``4k``. Otherwise the layers run one after the other through
     :func:`set_kernels.backends.numba.linear_forward` and
     :func:`set_kernels.backends.numba.linear_backward_relu_dropout`. Either way the outputs,
-    ``dx`` and ``dW`` are the same bits. A double backward (``create_graph``) replays the forward as single-layer nodes
-    (the same keys, so the same masks and values) and differentiates that with the
-    differentiable ops, so that every layer's input stays connected to the graph.
+    ``dx`` and ``dW`` are the same bits. A double backward (``create_graph``) replays the forward
+    as single-layer nodes (the same keys, so the same masks and values) and differentiates that
+    with the differentiable ops, so that every layer's input stays connected to the graph.
     """
 
     @staticmethod
@@ -216,10 +216,10 @@ def _chain_double_backward(x, params, indices, y, meta, dy, needs) -> tuple:
         for i in range(k):
             rows, cols, key = meta[i]
             h = _SparseReLUDropoutChain.apply(h, ((indices[i], rows, cols, key),), params[2 * i], params[2 * i + 1])
-    wanted = [t for t, need in zip((x,) + tuple(params), (needs[0],) + tuple(needs[2:])) if need and t is not None]
-    got = iter(torch.autograd.grad(h, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(got) if need and t is not None else None
-                 for t, need in zip((x,) + tuple(params), (needs[0],) + tuple(needs[2:])))
+    wanted = [need and t is not None for t, need in zip((x,) + tuple(params), (needs[0],) + tuple(needs[2:]))]
+    inputs = [t for t, w in zip((x,) + tuple(params), wanted) if w]
+    got = iter(torch.autograd.grad(h, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(got) if w else None for w in wanted)
 
 
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
