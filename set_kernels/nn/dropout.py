@@ -151,13 +151,14 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
     def forward(ctx, x, layers, *params):
         numba_backend = backends.get("numba")
         values = params[0::2]
-        parts = [_library.check_index(index, rows, cols, 1) for index, rows, cols, _ in layers]
         if numba_backend.relu_dropout_chain_ok(x.shape[0], values):  # activations kept token-major
+            parts = [_library.checked_numpy(index, rows, cols, 1) for index, rows, cols, _ in layers]
             y, ctx.inputs_t = numba_backend.relu_dropout_chain_forward(
                 x, [(v, b, p[0], p[1], rows, cols, key) for (_, rows, cols, key), v, b, p in
                     zip(layers, values, params[1::2], parts)])
             outs = (y,)
         else:  # no tokens, a layer without live entries, or many tokens: layer by layer
+            parts = [_library.check_index(index, rows, cols, 1) for index, rows, cols, _ in layers]
             h, outs, ctx.inputs_t = x, [], None
             for (_, rows, cols, key), v, b, p in zip(layers, values, params[1::2], parts):
                 h = numba_backend.linear_forward(h, v, p[0], p[1], b, rows, cols, 1, relu_dropout=key)
@@ -179,13 +180,14 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
         numba_backend = backends.get("numba")
         need_dv = [needs[2 + 2 * i] for i in range(k)]
         need_db = [needs[3 + 2 * i] and params[2 * i + 1] is not None for i in range(k)]
-        parts = [_library.check_index(index, rows, cols, 1) for index, (rows, cols, _) in zip(indices, meta)]
         if ctx.inputs_t is not None:
+            parts = [_library.checked_numpy(index, rows, cols, 1) for index, (rows, cols, _) in zip(indices, meta)]
             dx, dvs, dbs = numba_backend.relu_dropout_chain_backward(
                 dy, outs[-1], ctx.inputs_t,
                 [(params[2 * i], p[3], p[4], p[5], p[2], p[1], rows, cols, key[3])
                  for i, (p, (rows, cols, key)) in enumerate(zip(parts, meta))], needs[0], need_dv, need_db)
             return (dx, None, *(g for pair in zip(dvs, dbs) for g in pair))
+        parts = [_library.check_index(index, rows, cols, 1) for index, (rows, cols, _) in zip(indices, meta)]
         grads = [None] * (2 * k)
         for i in reversed(range(k)):
             (rows, cols, key), p = meta[i], parts[i]
@@ -224,6 +226,7 @@ def _chain_double_backward(x, params, indices, y, meta, dy, needs) -> tuple:
 
 _FUSABLE_DTYPES = (torch.float32, torch.float64)
 _CPU = torch.device("cpu")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _fusable_input(x) -> bool:
@@ -246,8 +249,8 @@ def _fusable(linear, act, dtype, width: int):
     if (linear._forward_hooks or linear._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks
             or _module._global_forward_hooks or _module._global_forward_pre_hooks):
         return None  # hooks see each module's call
-    if not _library.plain_eager(values, bias):
-        return None
+    if type(values) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return None  # (no tracing or dispatch mode: checked once for the input, _fusable_input)
     try:
         if _library.resolve(linear.backend, "linear_forward", _CPU, dtype, 1) != "numba":
             return None

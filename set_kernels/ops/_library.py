@@ -122,7 +122,8 @@ def _remember(index: Tensor, key: tuple) -> tuple:
     # views of a detached alias: a view of ``index`` itself would keep it alive (its ``_base``),
     # and with it this entry
     parts = split_index(index.detach(), *key)
-    _CHECKED[id(index)] = (weakref.ref(index, _forget(id(index))), index._version, key, parts)
+    # the last slot: the numpy views of a CPU index, made on first request (checked_numpy)
+    _CHECKED[id(index)] = (weakref.ref(index, _forget(id(index))), index._version, key, parts, [None])
     return parts
 
 
@@ -134,6 +135,20 @@ def trust_index(index: Tensor, rows: int, cols: int, block_size: int) -> None:
     check_index_structure(index, rows, cols, block_size)
     if index.device.type != "meta":
         _remember(index, (rows, cols, block_size))
+
+
+def checked_numpy(index: Tensor, rows: int, cols: int, block_size: int) -> tuple:
+    """:func:`check_index`'s views of a CPU index as numpy arrays (int32, contiguous), kept with
+    the check as long as ``index`` lives and is unchanged: a training step's kernels then convert
+    no index part twice."""
+    parts = check_index(index, rows, cols, block_size)
+    hit = _CHECKED.get(id(index))
+    if hit is None or hit[3] is not parts:  # an index check_index does not remember
+        return tuple(p.numpy() for p in parts)
+    box = hit[4]
+    if box[0] is None:
+        box[0] = tuple(p.numpy() for p in parts)
+    return box[0]
 
 
 def checked_nnz(index: Tensor, rows: int, cols: int, block_size: int):

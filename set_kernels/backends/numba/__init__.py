@@ -406,32 +406,33 @@ def relu_dropout_chain_forward(x, layers):
 
     ``x (M, cols_0)`` contiguous, with :func:`relu_dropout_chain_ok`; ``layers``: per layer
     ``(values (nnz_i, 1, 1), bias (rows_i,) or None, row_ptr, col_idx, rows_i, cols_i, key_i)``
-    with ``cols_{i+1} == rows_i`` and ``key_i`` the epilogue key of :func:`linear_forward`.
+    with ``cols_{i+1} == rows_i``, ``key_i`` the epilogue key of :func:`linear_forward`, and the
+    index parts int32 numpy arrays of a checked index
+    (:func:`set_kernels.ops._library.checked_numpy`).
     Returns ``(y, inputs_t)``: ``y (M, rows_last)``, what :func:`linear_forward` with
     ``relu_dropout`` gives layer after layer, bit for bit (the same kernel and sums), and each
-    layer's input token-major, ``(cols_i, Mp)`` with the padding tokens zero: ``inputs_t[0]`` is
-    ``x`` transposed, ``inputs_t[i]`` layer ``i - 1``'s output as the kernel wrote it. A layer's
-    input is then never transposed again: not by the next layer's forward, not by the backward
-    (:func:`relu_dropout_chain_backward`).
+    layer's input token-major, numpy ``(cols_i, Mp)`` (64-byte aligned, padding tokens zero):
+    ``inputs_t[0]`` is ``x`` transposed, ``inputs_t[i]`` layer ``i - 1``'s output as the kernel
+    wrote it. A layer's input is then never transposed again: not by the next layer's forward,
+    not by the backward (:func:`relu_dropout_chain_backward`).
     """
     spmm = _load()[3]
     xn = _np(x)
     M = xn.shape[0]
     Mp = spmm.padded_tokens(M, xn.itemsize)
-    a_t = torch.empty(xn.shape[1], Mp, dtype=x.dtype)
-    spmm.transpose(xn, a_t.numpy())
+    a_t = torch.empty(xn.shape[1], Mp, dtype=x.dtype).numpy()  # torch's allocations are 64-byte aligned
+    spmm.transpose(xn, a_t)
     inputs_t = [a_t]
     for i, (values, bias, row_ptr, col_idx, rows, cols, key) in enumerate(layers):
-        _check_index(row_ptr)
-        _check_index(col_idx)
         last = i == len(layers) - 1
         out = torch.empty((M, rows) if last else (rows, Mp), dtype=x.dtype)
-        vn, ci = _np(values).reshape(-1), _np(col_idx)
+        vn = _np(values).reshape(-1)
         bn, has_bias = (vn[:0], False) if bias is None else (_np(bias), True)
-        spmm._spmm_t(inputs_t[-1].numpy(), M, vn, _np(row_ptr), ci, ci, False, bn, has_bias, out.numpy(),
-                     spmm.ROW_CHUNK, np.array([1, *key[:3]], dtype=np.int64), float(key[3]), not last)
+        on = out.numpy()
+        spmm._spmm_t(inputs_t[-1], M, vn, row_ptr, col_idx, col_idx, False, bn, has_bias, on, spmm.ROW_CHUNK,
+                     np.array([1, *key[:3]], dtype=np.int64), float(key[3]), not last)
         if not last:
-            inputs_t.append(out)
+            inputs_t.append(on)
     return out, tuple(inputs_t)
 
 
@@ -441,13 +442,13 @@ def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv,
     [dbias_i (rows_i,) or None])``.
 
     ``layers``: per layer ``(values, col_ptr, row_idx, perm, block_row, col_idx, rows_i, cols_i,
-    scale_i)``; ``need_dv``, ``need_db``: per layer. Last layer first: its epilogue's gradient is
-    taken in the transpose of ``dy`` (:func:`.spmm.transpose_act_grad`); each layer's ``dx`` and
-    ``dW`` come from one pass (:func:`.spmm.grads_t`), ``dx`` token-major for every layer but the
-    first, so that the epilogue gradient of the layer below is taken in place on it
-    (:func:`.spmm.act_grad_tm`), with no transpose. The same values as
-    :func:`linear_backward_relu_dropout` layer by layer, bit for bit, apart from the bias
-    gradients' order of summation.
+    scale_i)``, the index parts as in :func:`relu_dropout_chain_forward`; ``need_dv``,
+    ``need_db``: per layer. Last layer first: its epilogue's gradient is taken in the transpose
+    of ``dy`` (:func:`.spmm.transpose_act_grad`); each layer's ``dx`` and ``dW`` come from one
+    pass (:func:`.spmm.grads_t`), ``dx`` token-major for every layer but the first, so that the
+    epilogue gradient of the layer below is taken in place on it (:func:`.spmm.act_grad_tm`),
+    with no transpose. The same values as :func:`linear_backward_relu_dropout` layer by layer,
+    bit for bit, apart from the bias gradients' order of summation.
     """
     spmm = _load()[3]
     dyn = _np(dy)
@@ -462,23 +463,20 @@ def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv,
         values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, scale = layers[i]
         if i < k - 1:
             db = torch.empty(rows, dtype=dy.dtype)
-            spmm.act_grad_tm(g_t, inputs_t[i + 1].numpy(), M, float(scale), db.numpy())
+            spmm.act_grad_tm(g_t, inputs_t[i + 1], M, float(scale), db.numpy())
         dbs[i] = db if need_db[i] else None
         ndx = i > 0 or need_dx
         if not (ndx or need_dv[i]):
             break
-        for t in (col_ptr, row_idx, perm, block_row, col_idx):
-            _check_index(t)
         vn = _np(values).reshape(-1)
         dv = torch.empty(values.shape, dtype=dy.dtype) if need_dv[i] else None
-        if i > 0:
-            dxn = np.empty((cols, Mp), dtype=dyn.dtype)
+        if i > 0:  # the layer below's transposed dy: 64-byte aligned rows (whole cache lines per gather)
+            dxn = torch.empty(cols, Mp, dtype=dy.dtype).numpy()
         else:
             dx = torch.empty(M, cols, dtype=dy.dtype) if ndx else None
             dxn = g_t[:0] if dx is None else dx.numpy()
-        spmm.grads_t(g_t, inputs_t[i].numpy(), M, vn, _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
-                     _np(col_idx), ndx, dv is not None, dxn, vn[:0] if dv is None else dv.numpy().reshape(-1),
-                     spmm.ROW_CHUNK, spmm.ENTRY_CHUNK, i > 0)
+        spmm.grads_t(g_t, inputs_t[i], M, vn, col_ptr, row_idx, perm, block_row, col_idx, ndx, dv is not None, dxn,
+                     vn[:0] if dv is None else dv.numpy().reshape(-1), spmm.ROW_CHUNK, spmm.ENTRY_CHUNK, i > 0)
         dvs[i] = dv
         g_t = dxn
     return dx, dvs, dbs
