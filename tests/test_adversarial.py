@@ -262,6 +262,31 @@ def test_index_check_cache_lets_dropped_indices_go():
         assert key not in _library._CHECKED
 
 
+def test_checked_numpy_views_follow_the_check():
+    """The numpy views of a checked index are made once and kept with the check; they are the
+    index's own memory; an in-place edit drops them with the check (the edit is then caught),
+    and a dropped index leaves with its views."""
+    import gc
+    import weakref
+
+    from set_kernels.ops import _library
+
+    layout = BSL.random(40, 30, 1, 0.3, generator=gen(4))
+    views = _library.checked_numpy(layout.index, 40, 30, 1)
+    assert _library.checked_numpy(layout.index, 40, 30, 1) is views
+    for view, part in zip(views, _library.check_index(layout.index, 40, 30, 1)):
+        assert view.ctypes.data == part.data_ptr() and view.shape == tuple(part.shape)
+    layout.index[layout.grid[0] + 1] = 99  # col_idx[0]
+    with pytest.raises(ValueError, match="col_idx < C"):
+        _library.checked_numpy(layout.index, 40, 30, 1)
+    other = BSL.random(40, 30, 1, 0.3, generator=gen(5))
+    _library.checked_numpy(other.index, 40, 30, 1)
+    ref = weakref.ref(other.index)
+    del other
+    gc.collect()
+    assert ref() is None, "the cached numpy views kept a dropped index alive"
+
+
 def test_layout_with_wrong_nnz_count(no_kernel):
     layout, x, values, _ = _good()
     layout._nnz += 1  # nnz_blocks disagrees with the index
