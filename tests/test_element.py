@@ -384,7 +384,8 @@ def test_numba_sort_positions_is_a_sort():
 
 def test_numba_gather_or_zero_and_flat_positions():
     """SET's permutation kernel against its torch definition (``index_select`` then zero the fresh
-    rows), on raw bits of several dtypes and row widths, outputs poisoned first; and the live
+    rows), on raw bits of several dtypes and row widths (one-wide rows take a path of their
+    own), empty, outputs poisoned first; and the live
     positions ``block_row * C + col_idx`` in int64 (past 2**31)."""
     from set_kernels.backends import numba as nb
 
@@ -393,7 +394,8 @@ def test_numba_gather_or_zero_and_flat_positions():
         pytest.skip(nb.availability()[1])
     g = gen(5)
     for n, m, dtype in [(1, 1, torch.float32), (37, 1, torch.float64), (20_000, 1, torch.float32),
-                        (300, 256, torch.bfloat16), (0, 4, torch.float32)]:
+                        (300, 256, torch.bfloat16), (0, 4, torch.float32), (0, 1, torch.float32),
+                        (7, 2, torch.float64)]:
         src = torch.randn(n, m, generator=g).to(dtype)
         order = torch.randperm(n, generator=g)
         fresh = torch.rand(n, generator=g) < 0.3

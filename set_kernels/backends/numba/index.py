@@ -157,6 +157,11 @@ def gather_or_zero(src, order, fresh, out):
     optimizer state."""
     n, m = out.shape
     zero = out.dtype.type(0)
+    if m == 1:  # element layers: one flat loop (the general one took 7x as long at 104 k entries)
+        src1, out1 = src.reshape(n), out.reshape(n)
+        for p in prange(n):
+            out1[p] = zero if fresh[p] else src1[order[p]]
+        return
     chunk = max(1, (1 << 14) // max(m, 1))
     for c in prange((n + chunk - 1) // chunk):
         for p in range(c * chunk, min(n, (c + 1) * chunk)):
