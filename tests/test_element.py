@@ -185,6 +185,33 @@ def test_a_corrupt_checkpoint_index_is_an_error_not_a_memory_fault(block_size, c
     torch.testing.assert_close(layer(x), good(x))
 
 
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_layout_follows_buffer_copies_and_keeps_an_unchanged_topology(block_size):
+    """A copy into the layout buffers (DDP's buffer broadcast, a user's copy_): the same topology
+    keeps the cached layout (no rebuild, no check); another valid one is followed; a corrupt one
+    is an error."""
+    layer = sk.nn.SparseLinear(64, 48, density=0.5, block_size=block_size, generator=gen(6))
+    other = sk.nn.SparseLinear(64, 48, density=0.5, block_size=block_size, generator=gen(7))
+    before = layer.layout
+    with torch.no_grad():
+        layer.row_ptr.copy_(layer.row_ptr.clone())
+        layer.col_idx.copy_(layer.col_idx.clone())
+    assert layer.layout is before
+    with torch.no_grad():
+        layer.row_ptr.copy_(other.row_ptr)
+        layer.col_idx.copy_(other.col_idx)
+    assert layer.layout is not before and layer.layout == other.layout
+    x = randn(3, 64)
+    with torch.no_grad():
+        layer.values.copy_(other.values)
+        layer.bias.copy_(other.bias)
+    torch.testing.assert_close(layer(x), other(x))
+    with torch.no_grad():
+        layer.col_idx[0] = 10_000
+    with pytest.raises(ValueError, match="SparseLinear: the row_ptr / col_idx buffers are not a valid layout"):
+        layer(x)
+
+
 def test_set_rejects_an_optimizer_without_the_sparse_parameters():
     model = torch.nn.Sequential(sk.nn.SparseLinear(20, 10, density=0.5, block_size=1), torch.nn.Linear(10, 2))
     other = torch.optim.SGD(model[1].parameters(), lr=0.1)

@@ -113,6 +113,11 @@ class SparseLinear(torch.nn.Module):
         if (self._layout is None or key[0] is not self.row_ptr or key[1] is not self.col_idx
                 or key[2] != self.row_ptr._version or key[3] != self.col_idx._version):
             shape = (self.out_features, self.in_features)
+            if self._layout is not None and self._same_as_cached_layout():
+                # DDP's buffer broadcast copies the same topology in every step: keep the layout
+                # (an O(nnz) comparison instead of a check and a rebuild of its index)
+                self._layout_key = self._buffer_key()
+                return self._layout
             if self.row_ptr.device.type == "meta":  # no values: nothing to read or check
                 self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, shape, self.block_size)
             else:
@@ -127,6 +132,17 @@ class SparseLinear(torch.nn.Module):
                                      f"blocks (a corrupt or foreign checkpoint?): {exc}") from None
             self._layout_key = self._buffer_key()
         return self._layout
+
+    def _same_as_cached_layout(self) -> bool:
+        """Whether the ``row_ptr`` / ``col_idx`` buffers hold exactly the cached layout's CSR."""
+        cached = self._layout
+        rp, ci = self.row_ptr, self.col_idx
+        if rp.device != cached.device or rp.device.type == "meta" or ci.device != rp.device:
+            return False
+        if rp.shape != cached.row_ptr.shape or ci.shape != cached.col_idx.shape:
+            return False
+        return bool(torch.equal(rp.to(torch.int64), cached.row_ptr.to(torch.int64))
+                    and torch.equal(ci.to(torch.int64), cached.col_idx.to(torch.int64)))
 
     def set_layout(self, layout: BlockSparseLayout, values: torch.Tensor) -> None:
         """Install a new layout with the same ``nnz_blocks`` and its ``values (nnz, b, b)`` in place."""
