@@ -210,7 +210,7 @@ def test_starting_numba_keeps_torch_thread_count(n):
 
 
 # ------------------------------------------------------------------- fused SparseLinear + ReLUDropout
-def _mlp(dtype, density=None, sizes=(70, 53, 33, 5)):
+def _mlp(dtype, density=None, sizes=(70, 53, 33, 5), bias=True):
     """SparseLinear(b=1) + ReLUDropout pairs and a dense readout, as a FusedSequential and as a
     plain Sequential of the same modules."""
     import set_kernels as sk
@@ -220,10 +220,11 @@ def _mlp(dtype, density=None, sizes=(70, 53, 33, 5)):
     mods = []
     for k, (n_in, n_out) in enumerate(zip(sizes[:-2], sizes[1:-1])):
         d = density if density is not None else (0.3, 0.6)[k % 2]
-        lin = sk.SparseLinear(n_in, n_out, density=d, block_size=1, generator=g, dtype=dtype)
+        lin = sk.SparseLinear(n_in, n_out, density=d, block_size=1, generator=g, dtype=dtype, bias=bias)
         with torch.no_grad():
             lin.values.uniform_(-1, 1, generator=g)
-            lin.bias.uniform_(-0.3, 0.3, generator=g)
+            if bias:
+                lin.bias.uniform_(-0.3, 0.3, generator=g)
         mods += [lin, ReLUDropout(0.25)]
     mods.append(torch.nn.Linear(sizes[-2], sizes[-1], dtype=dtype))
     return FusedSequential(*mods), torch.nn.Sequential(*mods)
@@ -291,6 +292,23 @@ def test_fused_sparse_relu_dropout_matches_the_modules(dtype, M, density, monkey
     ref = _run(plain, x)
     assert calls == [2]
     _assert_same_as_modules(got, ref, plain, M, dtype)
+
+
+def test_fused_run_without_bias(monkeypatch):
+    """Element layers without bias run fused too, with what the modules give, bit for bit."""
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    fused, plain = _mlp(torch.float32, bias=False)
+    x = torch.randn(13, 70, generator=torch.Generator().manual_seed(8))
+    calls = _count_chain_nodes(monkeypatch)
+    got, ref = _run(fused, x), _run(plain, x)
+    assert calls == [2]
+    names = ["y", "dx"] + [n for n, _ in plain.named_parameters()]
+    assert len(got) == len(ref) == len(names) == 6
+    for name, a, b in zip(names, got, ref):
+        assert torch.equal(a, b), name
 
 
 def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
