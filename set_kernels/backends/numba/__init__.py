@@ -260,6 +260,12 @@ def _check_index(t: torch.Tensor) -> None:
         raise TypeError(f"numba backend: expected contiguous int32 index tensors, got {t.dtype}")
 
 
+def _epilogue(key) -> tuple:
+    """The element forward's ``(act, scale)`` arguments for a ReLU + dropout key ``(k0, k1,
+    threshold, scale)`` (see ``spmm.NO_ACT``)."""
+    return np.array([1, *key[:3]], dtype=np.int64), float(key[3])
+
+
 def linear_forward(x, values, row_ptr, col_idx, bias, rows: int, cols: int, block_size: int,
                    relu_dropout=None) -> torch.Tensor:
     """Forward ``y (M, rows) = x (M, cols) @ W.T + bias`` (bias ``(rows,)`` or None).
@@ -306,7 +312,7 @@ def _product(a, values, index, bias, rows: int, cols: int, block_size: int, tran
         if transposed:
             spmm.linear_grad_input(an, vn.reshape(-1), *idx, out.numpy(), aT, spmm.ROW_CHUNK)
         else:
-            epilogue = (spmm.NO_ACT, 1.0) if act is None else (np.array([1, *act[:3]], dtype=np.int64), float(act[3]))
+            epilogue = (spmm.NO_ACT, 1.0) if act is None else _epilogue(act)
             spmm.linear_forward(an, vn.reshape(-1), *idx, *bias_args, out.numpy(), aT, spmm.ROW_CHUNK, *epilogue)
         return out
     (ab,) = _scratch(an.dtype, (-(-n_in // b), M, b))
@@ -430,7 +436,7 @@ def relu_dropout_chain_forward(x, layers):
         bn, has_bias = (vn[:0], False) if bias is None else (_np(bias), True)
         on = out.numpy()
         spmm._spmm_t(inputs_t[-1], M, vn, row_ptr, col_idx, col_idx, False, bn, has_bias, on, spmm.ROW_CHUNK,
-                     np.array([1, *key[:3]], dtype=np.int64), float(key[3]), not last)
+                     *_epilogue(key), not last)
         if not last:
             inputs_t.append(on)
     return out, tuple(inputs_t)

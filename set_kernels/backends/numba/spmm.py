@@ -449,10 +449,7 @@ def _backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx, dv, RC, tm_out):
                     c = np.int64(c0 + i)
                     column_grads(tile[i], dyT, xT, c, row_idx, v, perm, dv, np.int64(col_ptr[c]),
                                  np.int64(col_ptr[c + 1]), t0, np.int64(nv), tt == 0, pf, last, ahead)
-                if tm_out:
-                    _store_tile_tm(tile, dx, t0, tn, c0, rc, M)
-                else:
-                    _store_tile(tile, dx, t0, tn, c0, rc)
+                _finish_tile(tile, dx, t0, tn, c0, rc, M, n_in, NO_ACT, 1.0, tm_out)
 
 
 @njit(**_EXACT)
