@@ -339,6 +339,54 @@ def test_numba_fused_backward_matches_the_two_kernels_and_fp64(dtype):
             np.testing.assert_allclose(dv, dv_ref, atol=tol * scale, rtol=tol, err_msg=where)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_kernels_with_prefetch_on_large_operands(dtype):
+    """The element kernels' prefetching loops (operands of at least ``PREFETCH_MIN_BYTES``; each
+    kernel has a loop of its own for them) against float64: the forward, dX through the
+    transposed index, the fused backward and the SDDMM, on a 70,000 x 70,000 layer with about
+    10,000 live entries, one token, one token tile and several; outputs poisoned first."""
+    from set_kernels.ops import _library
+
+    np, spmm = _numba_spmm()
+    rng = np.random.default_rng(17)
+    N = 70_000  # one token: 64-byte rows, 4.5 MB
+    layout = sk.BlockSparseLayout.random(N, N, 1, 2e-6, generator=gen(17))
+    row_ptr, col_idx, block_row, col_ptr, row_idx, perm = (t.numpy() for t in _library.check_index(layout.index, N, N, 1))
+    nnz = layout.nnz_blocks
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for M in (1, 40, 100):
+        Mp = spmm.padded_tokens(M, np.dtype(dtype).itemsize)
+        assert N * Mp * np.dtype(dtype).itemsize >= spmm.PREFETCH_MIN_BYTES  # the prefetching loops run
+        v = rng.standard_normal(nnz).astype(dtype)
+        x = rng.standard_normal((M, N)).astype(dtype)
+        dy = rng.standard_normal((M, N)).astype(dtype)
+        xT, dyT = np.full((N, Mp), np.nan, dtype), np.full((N, Mp), np.nan, dtype)
+        spmm.transpose(x, xT)
+        spmm.transpose(dy, dyT)
+        v64, x64, dy64 = v.astype(np.float64), x.astype(np.float64), dy.astype(np.float64)
+        y_ref = np.zeros((N, M))  # (x @ W.T).T: row r gets v * x[:, c] for every entry (r, c)
+        np.add.at(y_ref, block_row, v64[:, None] * x64.T[col_idx])
+        dx_ref = np.zeros((N, M))  # (dy @ W).T
+        np.add.at(dx_ref, col_idx, v64[:, None] * dy64.T[block_row])
+        dv_ref = np.einsum("et,et->e", dy64.T[block_row], x64.T[col_idx])
+        where = f"M={M}"
+        y = np.full((M, N), np.nan, dtype)
+        spmm._spmm_t(xT, M, v, row_ptr, col_idx, col_idx, False, v[:0], False, y, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0,
+                     False)
+        np.testing.assert_allclose(y, y_ref.T, atol=tol * 10, rtol=tol, err_msg=f"forward {where}")
+        dx = np.full((M, N), np.nan, dtype)
+        spmm._spmm_t(dyT, M, v, col_ptr, row_idx, perm, True, v[:0], False, dx, spmm.ROW_CHUNK, spmm.NO_ACT, 1.0,
+                     False)
+        np.testing.assert_allclose(dx, dx_ref.T, atol=tol * 10, rtol=tol, err_msg=f"dX {where}")
+        dx2, dv = np.full((M, N), np.nan, dtype), np.full(nnz, np.nan, dtype)
+        spmm._backward_t(dyT, xT, M, v, col_ptr, row_idx, perm, dx2, dv, spmm.ROW_CHUNK, False)
+        np.testing.assert_array_equal(dx2, dx, err_msg=f"fused backward dx {where}")
+        np.testing.assert_allclose(dv, dv_ref, atol=tol * 20, rtol=tol, err_msg=f"fused backward dv {where}")
+        dv2 = np.full(nnz, np.nan, dtype)
+        spmm._sddmm_t(dyT, xT, M, block_row, col_idx, dv2, spmm.ENTRY_CHUNK)
+        np.testing.assert_array_equal(dv2, dv, err_msg=f"SDDMM {where}")
+
+
 def test_sample_positions_numba_merges_give_the_torch_result(monkeypatch):
     """On the CPU, numba merges replace sample_positions' unique / searchsorted / sort: for the
     same generator the drawn positions must be identical (several rounds, excludes, crowded)."""
@@ -383,6 +431,54 @@ def test_numba_merge_draws_and_select_sorted():
             keep = torch.randperm(ref.numel(), generator=g)[:max(1, ref.numel() // 3)]
             sel = torch.from_numpy(kernels.select_sorted(ref.numpy(), keep.numpy()))
             assert torch.equal(sel, torch.sort(ref[keep]).values)
+
+
+def test_numba_merge_update_against_a_sort():
+    """SET's merge of kept and regrown positions against its torch definition (the pruned slots
+    overwritten by the regrown positions, then a sort): the new positions, which entries are
+    fresh, and the old slot of every kept entry, bit for bit; regrown positions given sorted
+    (the skipped sort) and shuffled, before, between and after the kept ones, none or all of the
+    entries pruned; outputs poisoned first."""
+    from set_kernels.backends import numba as nb
+
+    kernels = nb.index_kernels()
+    if kernels is None:
+        pytest.skip(nb.availability()[1])
+    g = gen(13)
+    for nnz, k, n in [(1, 1, 10), (7, 3, 50), (300, 90, 10**6), (300, 300, 2000), (5000, 1500, 10**12), (64, 1, 65)]:
+        flat = torch.sort(torch.randperm(n, generator=g)[:nnz] if n < 10**7 else
+                          torch.unique(torch.randint(0, n, (2 * nnz,), generator=g))[:nnz]).values
+        nnz = flat.numel()
+        prune_idx = torch.randperm(nnz, generator=g)[:k]
+        free = torch.ones(n, dtype=torch.bool) if n < 10**7 else None
+        if free is not None:
+            free[flat] = False
+            grow = torch.nonzero(free).view(-1)
+            grow = grow[torch.randperm(grow.numel(), generator=g)[:k]]
+        else:  # a huge range: fresh positions beyond the live ones' span and between them
+            grow = torch.cat([flat[-1] + 1 + torch.arange(k // 2), flat[0] - 1 - torch.arange(k - k // 2)])
+            grow = grow[grow >= 0][:k]
+            k = grow.numel()
+            prune_idx = prune_idx[:k]
+        new = flat.clone()
+        new[prune_idx] = grow
+        ref_flat, ref_order = torch.sort(new)
+        ref_fresh = torch.zeros(nnz, dtype=torch.bool)
+        ref_fresh[prune_idx] = True
+        ref_fresh = ref_fresh[ref_order]
+        for given in (torch.sort(grow).values, grow):
+            out_flat = torch.full((nnz,), -7, dtype=torch.int64)
+            order = torch.full((nnz,), -7, dtype=torch.int64)
+            fresh = torch.zeros(nnz, dtype=torch.bool)
+            fresh_poison = ~ref_fresh  # every entry starts wrong
+            fresh.copy_(fresh_poison)
+            kernels.merge_update(flat.numpy(), prune_idx.numpy(), given.contiguous().numpy(), out_flat.numpy(),
+                                 order.numpy(), fresh.numpy())
+            assert torch.equal(out_flat, ref_flat), (nnz, k)
+            assert torch.equal(fresh, ref_fresh), (nnz, k)
+            assert torch.equal(order[~fresh], ref_order[~ref_fresh]), (nnz, k)
+            # a regrown entry's slot: the pruned slots, the j-th smallest regrown one getting prune_idx[j]
+            assert torch.equal(order[fresh], prune_idx), (nnz, k)
 
 
 def test_numba_sort_positions_is_a_sort():

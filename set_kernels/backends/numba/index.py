@@ -175,38 +175,65 @@ def gather_or_zero(src, order, fresh, out):
 
 
 @njit(cache=True)
+def _is_sorted(a) -> bool:
+    for i in range(1, a.shape[0]):
+        if a[i] < a[i - 1]:
+            return False
+    return True
+
+
+@njit(cache=True)
 def merge_update(flat, prune_idx, grow_flat, new_flat, order, fresh):
     """The layout after a SET update, without a sort of all its entries.
 
     ``flat (nnz,)``: the live positions ``r * C + c``, sorted; ``prune_idx (k,)``: the slots
-    pruned; ``grow_flat (k,)``: the positions regrown (distinct, none live before; any order).
+    pruned; ``grow_flat (k,)``: the positions regrown (distinct, none live before; any order,
+    sorted as :func:`set_kernels.layout.sample_positions` gives them, which skips a sort).
     Writes ``new_flat (nnz,)``, the new live positions sorted; ``order (nnz,)``, the old slot of
-    each new entry (a kept entry's own slot; for a regrown one, one of the pruned slots); and
-    ``fresh (nnz,)``, True at the regrown entries. ``torch.sort`` of the old positions with the
-    pruned slots overwritten by the regrown ones gives the same ``new_flat`` and ``fresh``, and
-    the same ``order`` at every entry that is not fresh. O(nnz + k log k).
+    each new entry (a kept entry's own slot; for the ``j``-th smallest regrown one,
+    ``prune_idx[j]``); and ``fresh (nnz,)``, True at the regrown entries. ``torch.sort`` of the
+    old positions with the pruned slots overwritten by the regrown ones gives the same
+    ``new_flat`` and ``fresh``, and the same ``order`` at every entry that is not fresh.
+    O(nnz + k log k).
+
+    Both passes are branch-free (the kept entries compacted, then a merge of two sorted runs that
+    end in a sentinel): the branches of a merge of random positions are taken at random, and the
+    mispredictions made the earlier branchy loops twice as slow (104,000 entries, 31,200
+    regrown: 0.80 against 0.40 ms, with the sort that sorted input now skips).
     """
     nnz = flat.shape[0]
     k = prune_idx.shape[0]
+    n_kept = nnz - k
     pruned = np.zeros(nnz, dtype=np.bool_)
     for j in range(k):
         pruned[prune_idx[j]] = True
-    grow = sort_positions(grow_flat)
+    big = np.int64(0x7FFFFFFFFFFFFFFF)  # past every position
+    kept = np.empty(n_kept + 1, dtype=np.int64)
+    slot = np.empty(n_kept + 1, dtype=np.int64)
+    n = 0
+    for i in range(nnz):  # every entry written, the count advanced past the kept ones
+        kept[n] = flat[i]
+        slot[n] = i
+        n += 1 - np.int64(pruned[i])
+    kept[n_kept] = big
+    grow = np.empty(k + 1, dtype=np.int64)
+    if _is_sorted(grow_flat):
+        grow[:k] = grow_flat
+    else:
+        grow[:k] = sort_positions(grow_flat)
+    grow[k] = big
+    last = max(k - 1, 0)
     i = 0
     j = 0
     for p in range(nnz):
-        while i < nnz and pruned[i]:
-            i += 1
-        if j < k and (i >= nnz or grow[j] < flat[i]):
-            new_flat[p] = grow[j]
-            order[p] = prune_idx[j]
-            fresh[p] = True
-            j += 1
-        else:
-            new_flat[p] = flat[i]
-            order[p] = i
-            fresh[p] = False
-            i += 1
+        a = kept[i]
+        b = grow[j]
+        g = b < a  # never both sentinels: p < nnz = kept + regrown
+        new_flat[p] = b if g else a
+        order[p] = prune_idx[min(j, last)] if g else slot[i]
+        fresh[p] = g
+        j += np.int64(g)
+        i += 1 - np.int64(g)
 
 
 @njit(cache=True)

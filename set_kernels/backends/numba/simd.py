@@ -187,25 +187,37 @@ def row_accumulate(typingctx, tile, aT, idx, v, perm, use_perm, e0, e1, t0, nv, 
         T, A, Iw, Vw, Pw = (g.array(st[i], args[i]) for i in range(5))
         rs = g.row_stride(A)
 
-        def weight(e):
-            j = builder.select(use_perm_, g.index(Pw, st[4], e), e)
+        def weight(e, permuted):
+            j = g.index(Pw, st[4], e) if permuted else e
             return g.splat(builder.load(builder.gep(Vw.data, [j])))
 
         def row(e):
             return builder.gep(A.data, [builder.add(builder.mul(g.index(Iw, st[2], e), rs), t0_)])
 
         def body(n):
-            def entry(e, accs):
-                with builder.if_then(pf_, likely=False):
-                    f = g.clamp(e, ahead_, last_)
-                    g.prefetch_vectors(row(f), n)
-                    with builder.if_then(use_perm_):
-                        _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[4], f)]))
-                w, base = weight(e), row(e)
-                for k in range(n):
-                    builder.store(g.fma(w, g.vload(base, k), builder.load(accs[k])), accs[k])
+            def loop(permuted, prefetch):
+                def entry(e, accs):
+                    if prefetch:
+                        f = g.clamp(e, ahead_, last_)
+                        g.prefetch_vectors(row(f), n)
+                        if permuted:
+                            _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[4], f)]))
+                    w, base = weight(e, permuted), row(e)
+                    for k in range(n):
+                        builder.store(g.fma(w, g.vload(base, k), builder.load(accs[k])), accs[k])
 
-            g.row_sums(n, init_vec, e0_, e1_, entry, T.data)
+                g.row_sums(n, init_vec, e0_, e1_, entry, T.data)
+
+            # One loop per (use_perm, pf): the flags are tested once per row, not per entry (LLVM
+            # left the tests and the unused perm load in the loop, and ran out of registers for it)
+            with builder.if_else(use_perm_) as (with_perm, without_perm):
+                for permuted, block in ((True, with_perm), (False, without_perm)):
+                    with block:
+                        with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
+                            with with_pf:
+                                loop(permuted, True)
+                            with without_pf:
+                                loop(permuted, False)
 
         g.per_nv(nv_, "acc", body)
         return context.get_dummy_value()
@@ -237,38 +249,68 @@ def dot_entries(typingctx, a, b, row, col, out, e0, e1, nv, pf, last, ahead):
         groups = builder.sdiv(nv_, ir.Constant(_I64, NV_MAX))
         rest = builder.srem(nv_, ir.Constant(_I64, NV_MAX))
         total = cgutils.alloca_once(builder, g.elt)
-        with cgutils.for_range(builder, builder.sub(e1_, e0_)) as loop:
-            e = builder.add(e0_, loop.index)
-            with builder.if_then(pf_, likely=False):
-                f = g.clamp(e, ahead_, last_)
-                pa = builder.gep(A.data, [builder.mul(g.index(R, st[2], f), rs_a)])
-                pb = builder.gep(B.data, [builder.mul(g.index(C, st[3], f), rs_b)])
-                with cgutils.for_range(builder, n_lines) as line:
-                    off = builder.mul(line.index, ir.Constant(_I64, g.VL))
-                    _prefetch(builder, builder.gep(pa, [off]))
-                    _prefetch(builder, builder.gep(pb, [off]))
-            ra = builder.gep(A.data, [builder.mul(g.index(R, st[2], e), rs_a)])
-            rb = builder.gep(B.data, [builder.mul(g.index(C, st[3], e), rs_b)])
-            builder.store(ir.Constant(g.elt, 0.0), total)
 
-            def add_tile(base, n):
-                offs = [builder.add(base, ir.Constant(_I64, k * g.VL)) for k in range(n)]
-                dot = g.tile_dot([g.vload(ra, o) for o in offs], [g.vload(rb, o) for o in offs])
-                builder.store(builder.fadd(builder.load(total), g.hsum(dot)), total)
+        def loop(prefetch, n_fixed):
+            # n_fixed: the vectors of a one-tile row (nv <= NV_MAX, the usual case), unrolled;
+            # None: any nv, a loop over whole tiles and a switch for the rest
+            with cgutils.for_range(builder, builder.sub(e1_, e0_)) as it:
+                e = builder.add(e0_, it.index)
+                ra = builder.gep(A.data, [builder.mul(g.index(R, st[2], e), rs_a)])
+                rb = builder.gep(B.data, [builder.mul(g.index(C, st[3], e), rs_b)])
+                if prefetch:
+                    f = g.clamp(e, ahead_, last_)
+                    pa = builder.gep(A.data, [builder.mul(g.index(R, st[2], f), rs_a)])
+                    pb = builder.gep(B.data, [builder.mul(g.index(C, st[3], f), rs_b)])
+                    if n_fixed is None:
+                        with cgutils.for_range(builder, n_lines) as line:
+                            off = builder.mul(line.index, ir.Constant(_I64, g.VL))
+                            _prefetch(builder, builder.gep(pa, [off]))
+                            _prefetch(builder, builder.gep(pb, [off]))
+                    else:
+                        g.prefetch_vectors(pa, n_fixed)
+                        g.prefetch_vectors(pb, n_fixed)
+                builder.store(ir.Constant(g.elt, 0.0), total)
 
-            with cgutils.for_range(builder, groups) as grp:
-                add_tile(builder.mul(grp.index, ir.Constant(_I64, NV_MAX * g.VL)), NV_MAX)
-            base = builder.mul(groups, ir.Constant(_I64, NV_MAX * g.VL))
-            done = builder.append_basic_block("dot.done")
-            switch = builder.switch(rest, done)
-            for n in range(1, NV_MAX):
-                block = builder.append_basic_block(f"dot.rest{n}")
-                switch.add_case(ir.Constant(_I64, n), block)
-                builder.position_at_end(block)
-                add_tile(base, n)
-                builder.branch(done)
-            builder.position_at_end(done)
-            builder.store(builder.load(total), builder.gep(O.data, [e]))
+                def add_tile(base, n):
+                    offs = [builder.add(base, ir.Constant(_I64, k * g.VL)) for k in range(n)]
+                    dot = g.tile_dot([g.vload(ra, o) for o in offs], [g.vload(rb, o) for o in offs])
+                    builder.store(builder.fadd(builder.load(total), g.hsum(dot)), total)
+
+                if n_fixed is not None:
+                    add_tile(ir.Constant(_I64, 0), n_fixed)
+                else:
+                    with cgutils.for_range(builder, groups) as grp:
+                        add_tile(builder.mul(grp.index, ir.Constant(_I64, NV_MAX * g.VL)), NV_MAX)
+                    base = builder.mul(groups, ir.Constant(_I64, NV_MAX * g.VL))
+                    done = builder.append_basic_block("dot.done")
+                    switch = builder.switch(rest, done)
+                    for n in range(1, NV_MAX):
+                        block = builder.append_basic_block(f"dot.rest{n}")
+                        switch.add_case(ir.Constant(_I64, n), block)
+                        builder.position_at_end(block)
+                        add_tile(base, n)
+                        builder.branch(done)
+                    builder.position_at_end(done)
+                builder.store(builder.load(total), builder.gep(O.data, [e]))
+
+        # The flag and, for rows of one tile, the vector count are tested once per call, not per
+        # entry: one loop for each (the same sums, in the same order)
+        with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
+            for prefetch, block in ((True, with_pf), (False, without_pf)):
+                with block:
+                    end = builder.append_basic_block("dot.end")
+                    generic = builder.append_basic_block("dot.any")
+                    switch = builder.switch(nv_, generic)
+                    for n in range(1, NV_MAX + 1):
+                        case = builder.append_basic_block(f"dot.nv{n}")
+                        switch.add_case(ir.Constant(_I64, n), case)
+                        builder.position_at_end(case)
+                        loop(prefetch, n)
+                        builder.branch(end)
+                    builder.position_at_end(generic)
+                    loop(prefetch, None)
+                    builder.branch(end)
+                    builder.position_at_end(end)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -308,26 +350,33 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
         def body(n):
             xs = [g.vload(xrow, k) for k in range(n)]
 
-            def entry(e, accs):
-                with builder.if_then(pf_, likely=False):
-                    f = g.clamp(e, ahead_, last_)
-                    g.prefetch_vectors(drow(f), n)
-                    _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[6], f)]))
-                p = g.index(Pw, st[6], e)
-                w = g.splat(builder.load(builder.gep(Vw.data, [p])))
-                base = drow(e)
-                ds = [g.vload(base, k) for k in range(n)]
-                for k in range(n):
-                    builder.store(g.fma(w, ds[k], builder.load(accs[k])), accs[k])
-                s = g.hsum(g.tile_dot(ds, xs))
-                slot = builder.gep(DV.data, [p])
-                with builder.if_else(first_) as (then, otherwise):
-                    with then:
-                        builder.store(s, slot)
-                    with otherwise:
-                        builder.store(builder.fadd(builder.load(slot), s), slot)
+            def loop(is_first, prefetch):
+                def entry(e, accs):
+                    if prefetch:
+                        f = g.clamp(e, ahead_, last_)
+                        g.prefetch_vectors(drow(f), n)
+                        _prefetch(builder, builder.gep(Vw.data, [g.index(Pw, st[6], f)]))
+                    p = g.index(Pw, st[6], e)
+                    w = g.splat(builder.load(builder.gep(Vw.data, [p])))
+                    base = drow(e)
+                    ds = [g.vload(base, k) for k in range(n)]
+                    for k in range(n):
+                        builder.store(g.fma(w, ds[k], builder.load(accs[k])), accs[k])
+                    s = g.hsum(g.tile_dot(ds, xs))
+                    slot = builder.gep(DV.data, [p])
+                    builder.store(s if is_first else builder.fadd(builder.load(slot), s), slot)
 
-            g.row_sums(n, g.zero, e0_, e1_, entry, T.data)
+                g.row_sums(n, g.zero, e0_, e1_, entry, T.data)
+
+            # one loop per (first, pf): the flags tested once per column, not per entry
+            with builder.if_else(first_) as (then, otherwise):
+                for is_first, block in ((True, then), (False, otherwise)):
+                    with block:
+                        with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
+                            with with_pf:
+                                loop(is_first, True)
+                            with without_pf:
+                                loop(is_first, False)
 
         g.per_nv(nv_, "col", body)
         return context.get_dummy_value()
