@@ -355,6 +355,29 @@ def test_fused_run_is_cut_by_a_hook_and_skips_unneeded_grads(monkeypatch):
             p.requires_grad_(True)
 
 
+def test_fused_run_is_cut_by_a_layer_of_another_backend(monkeypatch):
+    """Three pairs, the middle SparseLinear on the torch backend: the first and last pairs run
+    fused (the backend is resolved per layer: the first layer's answer is not reused for the
+    others), the middle one module by module; then the middle layer back on auto: one run of
+    three. The outputs and gradients are what the modules give."""
+    from set_kernels.backends import numba as nb
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    fused, plain = _mlp(torch.float64, sizes=(30, 41, 17, 23, 4))
+    x = torch.randn(11, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    calls = _count_chain_nodes(monkeypatch)
+    fused[2].backend = "torch"
+    got = _run(fused, x)
+    assert calls == [1, 1]
+    fused[2].backend = None
+    ref = _run(plain, x)
+    _assert_same_as_modules(_run(fused, x), ref, plain, 11, torch.float64)
+    assert calls == [1, 1, 3]
+    for name, a, b in zip(["y", "dx"], got, ref):  # the torch backend's sums: close
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_fused_path_falls_back_to_the_modules():
     """Hooks, eval mode, another dtype or backend, and the double backward: FusedSequential
     then gives exactly what the modules give (and a hook sees its module's call)."""

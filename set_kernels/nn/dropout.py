@@ -235,14 +235,19 @@ def _fusable_input(x) -> bool:
             and not torch.is_autocast_enabled("cpu") and _library.plain_eager(x))
 
 
-def _fusable(linear, act, dtype, width: int):
+def _fusable(linear, act, dtype, width: int, backends_seen: dict):
     """``linear``'s layout when ``act(linear(h))`` may run in :class:`_SparseReLUDropoutChain`
     for an input ``h`` that passed :func:`_fusable_input`, of ``dtype`` and ``width`` features;
-    else None (module by module: the modules' own calls raise what there is to raise)."""
+    else None (module by module: the modules' own calls raise what there is to raise).
+    ``backends_seen``: ``{linear.backend: fusable}`` of the layers already asked in this forward
+    (the backend resolution is the same for all of them: one lookup per forward)."""
     if not (type(act) is ReLUDropout and act.training and 0.0 < act.p < 1.0 and isinstance(linear, SparseLinear)
             and linear.block_size == 1 and width == linear.in_features):
         return None
-    values, bias = linear.values, linear.bias
+    params = linear._parameters  # (nn.Module.__getattr__ costs about a microsecond a name)
+    values, bias = params.get("values"), params.get("bias")
+    if values is None:
+        return None
     if (values.dtype != dtype or values.device.type != "cpu"
             or (bias is not None and (bias.dtype != dtype or bias.shape != (linear.out_features,)))):
         return None
@@ -251,10 +256,17 @@ def _fusable(linear, act, dtype, width: int):
         return None  # hooks see each module's call
     if type(values) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return None  # (no tracing or dispatch mode: checked once for the input, _fusable_input)
-    try:
-        if _library.resolve(linear.backend, "linear_forward", _CPU, dtype, 1) != "numba":
-            return None
-    except (RuntimeError, ValueError):
+    backend = linear.backend
+    if not (backend is None or type(backend) is str):
+        return None  # (the module's own call says what is wrong with it)
+    numba_runs = backends_seen.get(backend)
+    if numba_runs is None:
+        try:
+            numba_runs = _library.resolve(backend, "linear_forward", _CPU, dtype, 1) == "numba"
+        except (RuntimeError, ValueError):
+            numba_runs = False
+        backends_seen[backend] = numba_runs
+    if not numba_runs:
         return None
     layout = linear.layout
     return layout if values.shape[0] == layout.nnz_blocks else None
@@ -270,10 +282,10 @@ class FusedSequential(torch.nn.Sequential):
         while i < n:
             layers, params = [], []
             if self.training and i + 1 < n and _fusable_input(x):
-                width = x.shape[1]
+                width, seen = x.shape[1], {}
                 while i + 1 < n:  # the longest run of fusable pairs from here
                     m = mods[i]
-                    layout = _fusable(m, mods[i + 1], x.dtype, width)
+                    layout = _fusable(m, mods[i + 1], x.dtype, width, seen)
                     if layout is None:
                         break
                     layers.append((layout.index, m.out_features, m.in_features, _draw_key(mods[i + 1].p)))

@@ -105,32 +105,39 @@ class SparseLinear(torch.nn.Module):
     @property
     def layout(self) -> BlockSparseLayout:
         # Rebuilt when the buffers were replaced (module.to) or reloaded (load_state_dict).
-        if self._layout is not None and torch.compiler.is_compiling():
-            # Traced code reads the cache (an in-place version is data to the compiler); it is
-            # refreshed eagerly by load_state_dict and .to(), and by the next eager forward.
-            return self._layout
-        key = self._layout_key
-        if (self._layout is None or key[0] is not self.row_ptr or key[1] is not self.col_idx
-                or key[2] != self.row_ptr._version or key[3] != self.col_idx._version):
-            shape = (self.out_features, self.in_features)
-            if self._layout is not None and self._same_as_cached_layout():
-                # DDP's buffer broadcast copies the same topology in every step: keep the layout
-                # (an O(nnz) comparison instead of a check and a rebuild of its index)
-                self._layout_key = self._buffer_key()
-                return self._layout
-            if self.row_ptr.device.type == "meta":  # no values: nothing to read or check
-                self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, shape, self.block_size)
-            else:
-                # The buffers may come from anywhere (a checkpoint, a broadcast, a user's copy_):
-                # checked before the index builder reads them, which would otherwise write out of
-                # bounds on a corrupt one.
-                try:
-                    self._layout = BlockSparseLayout.from_csr(self.row_ptr, self.col_idx, self.block_size, shape)
-                except ValueError as exc:
-                    raise ValueError(f"SparseLinear: the row_ptr / col_idx buffers are not a valid layout of a "
-                                     f"{shape[0]} x {shape[1]} weight in {self.block_size} x {self.block_size} "
-                                     f"blocks (a corrupt or foreign checkpoint?): {exc}") from None
+        cached = self._layout
+        if cached is not None:
+            if torch.compiler.is_compiling():
+                # Traced code reads the cache (an in-place version is data to the compiler); it is
+                # refreshed eagerly by load_state_dict and .to(), and by the next eager forward.
+                return cached
+            # every forward comes here: the buffers read from the dict (nn.Module.__getattr__
+            # costs about a microsecond each)
+            key, buffers = self._layout_key, self._buffers
+            row_ptr, col_idx = buffers.get("row_ptr"), buffers.get("col_idx")
+            if (key[0] is row_ptr and key[1] is col_idx and key[2] == row_ptr._version
+                    and key[3] == col_idx._version):
+                return cached
+        # the buffers were replaced or written since the layout was built (or none was built)
+        shape = (self.out_features, self.in_features)
+        if cached is not None and self._same_as_cached_layout():
+            # DDP's buffer broadcast copies the same topology in every step: keep the layout
+            # (an O(nnz) comparison instead of a check and a rebuild of its index)
             self._layout_key = self._buffer_key()
+            return cached
+        if self.row_ptr.device.type == "meta":  # no values: nothing to read or check
+            self._layout = BlockSparseLayout(self.row_ptr, self.col_idx, shape, self.block_size)
+        else:
+            # The buffers may come from anywhere (a checkpoint, a broadcast, a user's copy_):
+            # checked before the index builder reads them, which would otherwise write out of
+            # bounds on a corrupt one.
+            try:
+                self._layout = BlockSparseLayout.from_csr(self.row_ptr, self.col_idx, self.block_size, shape)
+            except ValueError as exc:
+                raise ValueError(f"SparseLinear: the row_ptr / col_idx buffers are not a valid layout of a "
+                                 f"{shape[0]} x {shape[1]} weight in {self.block_size} x {self.block_size} "
+                                 f"blocks (a corrupt or foreign checkpoint?): {exc}") from None
+        self._layout_key = self._buffer_key()
         return self._layout
 
     def _same_as_cached_layout(self) -> bool:
