@@ -300,10 +300,14 @@ def _epoch(model, opt, evo, x_train, y_train, batch: int, order, evaluate) -> di
     model.train()
     t0 = time.perf_counter()
     n, steps = len(x_train), -(-len(x_train) // batch)
-    loss_sum, correct, changed = 0.0, 0, False
+    changed = False
     # the epoch's order gathered once: each batch is then a contiguous view (two gathers a step
     # cost about 40 us, 2 % of a width-1000 sparse step)
     x_order, y_order = x_train[order], y_train[order]
+    # The batches' losses and logits are kept and read once, after the last step: reading them
+    # every step (a float(), an argmax, a comparison, a sum and an int()) cost about 30 us of a
+    # 1.3 ms width-1000 sparse step, and on a GPU each read waits for the step's kernels.
+    losses, logits_all = [], []
     for s in range(steps):
         xb, yb = x_order[s * batch:(s + 1) * batch], y_order[s * batch:(s + 1) * batch]
         logits = model(xb)
@@ -311,14 +315,19 @@ def _epoch(model, opt, evo, x_train, y_train, batch: int, order, evaluate) -> di
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += float(loss.detach()) * len(yb)
-        correct += int((logits.argmax(-1) == yb).sum())
+        losses.append(loss.detach())
+        logits_all.append(logits.detach())
         if s == steps - 1:
             t1 = time.perf_counter()
             test_acc = evaluate()
             eval_time = time.perf_counter() - t1
         if evo is not None:
             changed |= evo.step()
+    # the same sums as step by step: the loss summed in step order in Python floats
+    loss_sum = 0.0
+    for s, value in enumerate(torch.stack(losses).tolist()):
+        loss_sum += value * (min(n, (s + 1) * batch) - s * batch)
+    correct = int((torch.cat(logits_all).argmax(-1) == y_order).sum())
     train_time = time.perf_counter() - t0 - eval_time  # training steps + evolution, without evaluation
     return {"train_loss": loss_sum / n, "train_acc": correct / n, "test_acc": test_acc, "time_s": train_time,
             "eval_time_s": eval_time, "evolved": bool(changed)}

@@ -167,3 +167,39 @@ def test_docs_table_parser_sees_a_wrong_default(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     with pytest.raises(AssertionError):
         test_docs_document_every_field_with_its_type_and_default()
+
+
+@pytest.mark.parametrize("layer", ["sparse", "dense"])
+def test_epoch_loss_and_accuracy_equal_a_step_by_step_reading(layer):
+    """``_epoch`` reads the batches' losses and logits once, after the last step: its train loss
+    and accuracy must equal what reading them after every step gives (the same model, data and
+    order, a short last batch), exactly."""
+    import torch
+
+    mode = "set" if layer == "sparse" else "dense"
+    config = TrainConfig(data="synthetic", epochs=2, train_samples=110, test_samples=10, hidden=(40, 24), batch=25,
+                         mode=mode, layer="sparse", seed=4, threads=1)
+    _, _, (x, y, _, _) = train._load_data(config)
+    sizes = train.model_sizes(config.hidden)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(9))
+    results = []
+    for reference in (False, True):
+        model, opt, evo, _ = train._build(config, sizes, -(-len(x) // config.batch))
+        if not reference:
+            got = train._epoch(model, opt, evo, x, y, config.batch, order, lambda: 0.0)
+            results.append((got["train_loss"], got["train_acc"]))
+            continue
+        loss_sum, correct = 0.0, 0
+        for s in range(0, len(x), config.batch):
+            idx = order[s:s + config.batch]
+            logits = model(x[idx])
+            loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(-1) == y[idx]).sum())
+        results.append((loss_sum / len(x), correct / len(x)))
+    assert len(x) % config.batch != 0
+    assert results[0] == results[1]
+    assert 0 < results[0][1] < 1
