@@ -481,6 +481,41 @@ def test_numba_merge_update_against_a_sort():
             assert torch.equal(order[fresh], prune_idx), (nnz, k)
 
 
+def test_numba_smallest_k_is_topks_set_or_declines():
+    """SET's radix select against ``torch.topk(largest=False)``: where it answers, the same set of
+    indices (ascending); where it declines, the k-th score is tied past the boundary or a score
+    is NaN. Random, squared, negative, infinite and many-times-tied scores (zeros: regrown
+    weights), -0.0 and +0.0 as one value, k of 1, a third and all; the output poisoned first."""
+    from set_kernels.backends import numba as nb
+
+    kernels = nb.index_kernels()
+    if kernels is None:
+        pytest.skip(nb.availability()[1])
+    g = gen(21)
+    answered = declined = 0
+    cases = [torch.tensor([-0.0, 0.0, 1.0]), torch.tensor([float("nan"), 0.0, 1.0]),
+             torch.tensor([float("inf"), 0.0, -float("inf"), 2.0]), torch.tensor([3.0])]
+    for n in (2, 5, 100, 3000, 70_000):
+        x = torch.randn(n, generator=g)
+        zeros = x.square()
+        zeros[:n // 2] = 0.0
+        cases += [x, x.square(), -x.abs(), zeros, torch.randint(0, 5, (n,), generator=g).float(),
+                  x.square() * 1e-30]  # subnormal and tiny scores
+    for score in cases:
+        n = score.numel()
+        for k in sorted({1, max(1, n // 3), n}):
+            out = torch.full((k,), -7, dtype=torch.int64)
+            if kernels.smallest_k(score.view(torch.int32).numpy(), k, out.numpy()):
+                answered += 1
+                ref = torch.topk(score, k, largest=False).indices
+                assert torch.equal(out, torch.sort(ref).values), (n, k)
+            else:
+                declined += 1
+                s = torch.sort(score).values
+                assert bool(torch.isnan(score).any()) or (k < n and s[k - 1] == s[k]), (n, k)
+    assert answered > 20 and declined > 5
+
+
 def test_numba_sort_positions_is_a_sort():
     """The radix sort of SET's draws against np.sort: below and above its np.sort cut-off, keys
     of 1 to 62 bits (one to six radix passes), repeats, all equal, sorted and reversed input;

@@ -482,6 +482,11 @@ def test_cpu_index_kernels_give_the_torch_path_results(monkeypatch, kind, regrow
     if nb.index_kernels() is None:
         pytest.skip(nb.availability()[1])
 
+    selects = []  # the radix select of magnitude pruning: whether it could answer
+    kernels = nb.index_kernels()
+    smallest_k = kernels.smallest_k
+    monkeypatch.setattr(kernels, "smallest_k", lambda *a: selects.append(smallest_k(*a)) or selects[-1])
+
     def run(use_numba):
         monkeypatch.setattr(layout_mod, "USE_NUMBA_INDEX", use_numba)
         model = build(kind, seed=4)
@@ -495,6 +500,10 @@ def test_cpu_index_kernels_give_the_torch_path_results(monkeypatch, kind, regrow
         return model, opt, layouts
 
     (m1, o1, l1), (m2, o2, l2) = run(True), run(False)
+    if prune == "magnitude":  # the numba run pruned through the radix select (every update but ties)
+        assert len(selects) == 6 * 2 and any(selects)
+    else:
+        assert not selects
     assert len(l1) == len(l2) and all(torch.equal(a, b) for x, y in zip(l1, l2) for a, b in zip(x, y))
     assert any(not torch.equal(a, b) for a, b in zip(l1[0], l1[-1])), "the topology must have changed"
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):

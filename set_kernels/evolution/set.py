@@ -300,7 +300,15 @@ class SET:
         # 1. prune
         if self.prune == "magnitude":
             score = _agree(v.square().sum(dim=(1, 2)))
-            prune_idx = torch.topk(score, k, largest=False, sorted=False).indices
+            prune_idx = None
+            if kernels is not None and score.dtype == torch.float32 and score.is_contiguous():
+                # CPU: a radix select where the k smallest are one set (no tie across the k-th
+                # score; else topk, which breaks such ties its own way): topk's set, in O(nnz)
+                chosen = torch.empty(k, dtype=torch.int64)
+                if kernels.smallest_k(score.view(torch.int32).numpy(), k, chosen.numpy()):
+                    prune_idx = chosen
+            if prune_idx is None:
+                prune_idx = torch.topk(score, k, largest=False, sorted=False).indices
         else:
             signed = _agree(v.sum(dim=(1, 2)))
             prune_idx = _set_prune(signed, torch.ones(nnz, dtype=torch.bool, device=device), k)

@@ -237,6 +237,83 @@ def merge_update(flat, prune_idx, grow_flat, new_flat, order, fresh):
 
 
 @njit(cache=True)
+def _order_key(bits):
+    """A float32's bits (as int64, 0 <= bits < 2**32) mapped to an unsigned key with the
+    float order (-0.0 taken as +0.0: they compare equal); -1 for a NaN."""
+    if (bits & 0x7F800000) == 0x7F800000 and (bits & 0x7FFFFF) != 0:
+        return np.int64(-1)
+    if bits == 0x80000000:
+        bits = np.int64(0)
+    if bits & 0x80000000:
+        return np.int64(0xFFFFFFFF) ^ bits  # negative: larger magnitude, smaller key
+    return bits | np.int64(0x80000000)
+
+
+@njit(cache=True)
+def smallest_k(score_bits, k, out):
+    """The indices of the ``k`` smallest of ``score_bits`` (the int32 view of a float32 score),
+    ascending, into ``out (k,)`` int64, when that set is unique; returns False (``out`` not
+    written) when it is not (a tie at the ``k``-th value across the boundary) or a score is NaN.
+
+    Where it returns True the set is what ``torch.topk(score, k, largest=False)`` gives, whatever
+    its order: a radix select (three passes of 11, 11 and 10 bits find the ``k``-th key, a fourth
+    collects; the last two digits are counted among the candidates the first one leaves), O(n),
+    instead of topk's partial sort. ``1 <= k <= n``.
+    """
+    n = score_bits.shape[0]
+    keys = np.empty(n, dtype=np.uint32)
+    # the counts of the keys' top 11 bits, in four interleaved sets (many keys share a few top
+    # digits: one set made a chain of increments of the same counter)
+    sub = np.zeros((4, 2048), dtype=np.int64)
+    for i in range(n):
+        key = _order_key(np.int64(score_bits[i]) & 0xFFFFFFFF)
+        if key < 0:
+            return False
+        keys[i] = key
+        sub[i & 3, key >> 21] += 1
+    count = np.empty(2048, dtype=np.int64)
+    for d in range(2048):
+        count[d] = sub[0, d] + sub[1, d] + sub[2, d] + sub[3, d]
+    rank = np.int64(k)  # the rank wanted among the keys with the prefix found so far
+    below = np.int64(0)  # keys smaller than every key with that prefix
+    d = np.int64(0)
+    while rank > count[d]:
+        rank -= count[d]
+        below += count[d]
+        d += 1
+    prefix = d
+    # the keys with that prefix (the candidates), then two more digits among them only
+    cand = np.empty(count[d], dtype=np.int64)
+    m = 0
+    for i in range(n):
+        key = np.int64(keys[i])
+        if (key >> 21) == prefix:
+            cand[m] = key
+            m += 1
+    for shift, width in ((10, 11), (0, 10)):
+        count[:] = 0
+        mask = (np.int64(1) << width) - 1
+        for j in range(m):
+            key = cand[j]
+            if (key >> (shift + width)) == prefix:
+                count[(key >> shift) & mask] += 1
+        d = np.int64(0)
+        while rank > count[d]:
+            rank -= count[d]
+            below += count[d]
+            d += 1
+        prefix = (prefix << width) | d
+    if below + count[d] != k:
+        return False  # the k-th key is tied with keys past the boundary: the set is not unique
+    j = 0
+    for i in range(n):
+        if np.int64(keys[i]) <= prefix:
+            out[j] = i
+            j += 1
+    return True
+
+
+@njit(cache=True)
 def merge_draws(have, cand, exclude):
     """The sorted distinct union of ``have`` (sorted, distinct) and ``cand`` (any order, repeats
     allowed), without the positions in ``exclude`` (sorted, distinct); int64. What
