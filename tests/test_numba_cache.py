@@ -95,3 +95,33 @@ def test_this_process_uses_the_per_user_folder():
     root = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else Path(nb.cache_dir())
     assert path.is_relative_to(root)
     assert not path.is_relative_to(PACKAGE)
+
+
+STAMP_PROBE = r"""
+import json
+from set_kernels.backends import numba as nb
+spmm = nb._load()[3]
+loc = spmm._spmm_t._cache._impl.locator
+print(json.dumps({"locator": type(loc).__name__, "stamp": [part.hex() for part in loc.get_source_stamp()]}))
+"""
+
+
+def test_cached_kernels_are_stamped_with_the_helpers_compiled_into_them(tmp_path):
+    """numba stamps a cached kernel with a digest of its own file. The element kernels of spmm.py
+    also compile the intrinsics of simd.py and the hash of dropout.py: their digests must be part
+    of the stamp, so that an edit of those files alone (a checkout, an upgrade) recompiles the
+    kernels instead of loading the ones compiled from the old text."""
+    import hashlib
+
+    script = tmp_path / "stamp.py"
+    script.write_text(STAMP_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["locator"] == "SetKernelsCacheLocator"
+    folder = PACKAGE / "backends" / "numba"
+    want = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ("spmm.py", "simd.py", "dropout.py")]
+    assert res["stamp"] == want

@@ -16,10 +16,15 @@ a cache locator that numba consults before its own and that claims only the file
 folder; every other numba user of the process keeps numba's behaviour. A ``$NUMBA_CACHE_DIR``
 set by the user still wins (numba's locator for it is consulted first). When the per-user folder
 cannot be written, numba's own chain applies (``__pycache__`` next to the source when writable,
-else numba's user-wide cache), as for any numba code.
+else numba's user-wide cache), as for any numba code. numba stamps a cached kernel with a digest
+of the file that defines it; in the per-user folder the stamp also covers :data:`INLINED_SOURCES`
+(the intrinsics and helpers compiled into other files' kernels), so that an edit of one of those
+files alone recompiles the kernels that use it.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 import threading
@@ -41,6 +46,26 @@ def cache_dir() -> str:
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Files of this folder whose functions are compiled into the kernels of its other files (LLVM
+# intrinsics and inlined helpers): their contents are part of every cached kernel's stamp.
+INLINED_SOURCES = ("simd.py", "dropout.py")
+
+
+def inlined_digests() -> tuple:
+    """SHA-256 digests of :data:`INLINED_SOURCES`, read again when a file's size or time changes."""
+    out = []
+    for name in INLINED_SOURCES:
+        path = os.path.join(_HERE, name)
+        st = os.stat(path)
+        out.append(_file_digest(path, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:  # (mtime, size): the cache key
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
 
 
 def _set_cache_dir(numba) -> None:
@@ -74,6 +99,12 @@ def _set_cache_dir(numba) -> None:
             if os.path.dirname(os.path.abspath(py_file)) != _HERE:
                 return None
             return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            # numba's stamp is a digest of the kernel's own file; the helpers of INLINED_SOURCES
+            # are compiled into kernels of other files, so their digests are part of it too: an
+            # edit of simd.py alone would otherwise load stale kernels (a checkout or an upgrade)
+            return (super().get_source_stamp(), *inlined_digests())
 
     # After the $NUMBA_CACHE_DIR locator (the user's explicit choice), before numba's in-tree one.
     at = classes.index(user_dir) + 1 if user_dir in classes else 0

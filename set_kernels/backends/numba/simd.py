@@ -117,19 +117,38 @@ class _Gen:
             dot = self.fma(d, x, dot)
         return dot
 
-    def per_nv(self, nv, name, body):
-        """A switch on ``nv``: ``body(n)`` emits the code for ``n`` vectors, ``1 <= n <= NV_MAX``
-        (other values do nothing)."""
+    def per_nv(self, nv, name, body, top=NV_MAX, default=None):
+        """A switch on ``nv``: ``body(n)`` emits the code for ``n`` vectors, ``1 <= n <= top``;
+        ``default()`` the code for other values (None: they do nothing)."""
         b = self.b
         end = b.append_basic_block(f"{name}.end")
-        switch = b.switch(nv, end)
-        for n in range(1, NV_MAX + 1):
+        other = end if default is None else b.append_basic_block(f"{name}.other")
+        switch = b.switch(nv, other)
+        for n in range(1, top + 1):
             block = b.append_basic_block(f"{name}.nv{n}")
             switch.add_case(ir.Constant(_I64, n), block)
             b.position_at_end(block)
             body(n)
             b.branch(end)
+        if default is not None:
+            b.position_at_end(other)
+            default()
+            b.branch(end)
         b.position_at_end(end)
+
+    def per_flags(self, flag, pf, loop):
+        """``loop(value, prefetch)`` emitted once for each value of the runtime booleans ``flag``
+        and ``pf`` (``pf`` rarely true), behind tests made once: a loop per case, with no flag
+        tested inside it."""
+        b = self.b
+        with b.if_else(flag) as (yes, no):
+            for value, block in ((True, yes), (False, no)):
+                with block:
+                    with b.if_else(pf, likely=False) as (with_pf, without_pf):
+                        with with_pf:
+                            loop(value, True)
+                        with without_pf:
+                            loop(value, False)
 
     def row_sums(self, n, init, e0, e1, entry, out):
         """``entry(e, accs)`` for ``e0 <= e < e1`` in order, ``accs`` alternating between two sets
@@ -208,16 +227,9 @@ def row_accumulate(typingctx, tile, aT, idx, v, perm, use_perm, e0, e1, t0, nv, 
 
                 g.row_sums(n, init_vec, e0_, e1_, entry, T.data)
 
-            # One loop per (use_perm, pf): the flags are tested once per row, not per entry (LLVM
-            # left the tests and the unused perm load in the loop, and ran out of registers for it)
-            with builder.if_else(use_perm_) as (with_perm, without_perm):
-                for permuted, block in ((True, with_perm), (False, without_perm)):
-                    with block:
-                        with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
-                            with with_pf:
-                                loop(permuted, True)
-                            with without_pf:
-                                loop(permuted, False)
+            # the flags tested once per row, not per entry (LLVM left the tests and the unused
+            # perm load in the loop, and ran out of registers for it)
+            g.per_flags(use_perm_, pf_, loop)
 
         g.per_nv(nv_, "acc", body)
         return context.get_dummy_value()
@@ -282,15 +294,7 @@ def dot_entries(typingctx, a, b, row, col, out, e0, e1, nv, pf, last, ahead):
                     with cgutils.for_range(builder, groups) as grp:
                         add_tile(builder.mul(grp.index, ir.Constant(_I64, NV_MAX * g.VL)), NV_MAX)
                     base = builder.mul(groups, ir.Constant(_I64, NV_MAX * g.VL))
-                    done = builder.append_basic_block("dot.done")
-                    switch = builder.switch(rest, done)
-                    for n in range(1, NV_MAX):
-                        block = builder.append_basic_block(f"dot.rest{n}")
-                        switch.add_case(ir.Constant(_I64, n), block)
-                        builder.position_at_end(block)
-                        add_tile(base, n)
-                        builder.branch(done)
-                    builder.position_at_end(done)
+                    g.per_nv(rest, "dot.rest", lambda n: add_tile(base, n), top=NV_MAX - 1)
                 builder.store(builder.load(total), builder.gep(O.data, [e]))
 
         # The flag and, for rows of one tile, the vector count are tested once per call, not per
@@ -298,19 +302,8 @@ def dot_entries(typingctx, a, b, row, col, out, e0, e1, nv, pf, last, ahead):
         with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
             for prefetch, block in ((True, with_pf), (False, without_pf)):
                 with block:
-                    end = builder.append_basic_block("dot.end")
-                    generic = builder.append_basic_block("dot.any")
-                    switch = builder.switch(nv_, generic)
-                    for n in range(1, NV_MAX + 1):
-                        case = builder.append_basic_block(f"dot.nv{n}")
-                        switch.add_case(ir.Constant(_I64, n), case)
-                        builder.position_at_end(case)
-                        loop(prefetch, n)
-                        builder.branch(end)
-                    builder.position_at_end(generic)
-                    loop(prefetch, None)
-                    builder.branch(end)
-                    builder.position_at_end(end)
+                    g.per_nv(nv_, "dot", lambda n, pre=prefetch: loop(pre, n),
+                             default=lambda pre=prefetch: loop(pre, None))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -368,15 +361,7 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
 
                 g.row_sums(n, g.zero, e0_, e1_, entry, T.data)
 
-            # one loop per (first, pf): the flags tested once per column, not per entry
-            with builder.if_else(first_) as (then, otherwise):
-                for is_first, block in ((True, then), (False, otherwise)):
-                    with block:
-                        with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
-                            with with_pf:
-                                loop(is_first, True)
-                            with without_pf:
-                                loop(is_first, False)
+            g.per_flags(first_, pf_, loop)  # the flags tested once per column, not per entry
 
         g.per_nv(nv_, "col", body)
         return context.get_dummy_value()
