@@ -222,7 +222,7 @@ def merge_update(flat, prune_idx, grow_flat, new_flat, order, fresh):
     else:
         grow[:k] = sort_positions(grow_flat)
     grow[k] = big
-    last = max(k - 1, 0)
+    last = max(k - 1, 0)  # prune_idx is read only where a regrown entry is taken (j < k): clamped for k = 0
     i = 0
     j = 0
     for p in range(nnz):
@@ -250,6 +250,18 @@ def _order_key(bits):
 
 
 @njit(cache=True)
+def _digit_of_rank(count, rank, below):
+    """The digit whose bucket of ``count`` holds the ``rank``-th key (1-based), with the rank
+    within that bucket and ``below`` plus the keys of the buckets before it."""
+    d = np.int64(0)
+    while rank > count[d]:
+        rank -= count[d]
+        below += count[d]
+        d += 1
+    return d, rank, below
+
+
+@njit(cache=True)
 def smallest_k(score_bits, k, out):
     """The indices of the ``k`` smallest of ``score_bits`` (the int32 view of a float32 score),
     ascending, into ``out (k,)`` int64, when that set is unique; returns False (``out`` not
@@ -274,13 +286,9 @@ def smallest_k(score_bits, k, out):
     count = np.empty(2048, dtype=np.int64)
     for d in range(2048):
         count[d] = sub[0, d] + sub[1, d] + sub[2, d] + sub[3, d]
-    rank = np.int64(k)  # the rank wanted among the keys with the prefix found so far
-    below = np.int64(0)  # keys smaller than every key with that prefix
-    d = np.int64(0)
-    while rank > count[d]:
-        rank -= count[d]
-        below += count[d]
-        d += 1
+    # rank: the rank wanted among the keys with the prefix found so far; below: the keys smaller
+    # than every key with that prefix
+    d, rank, below = _digit_of_rank(count, np.int64(k), np.int64(0))
     prefix = d
     # the keys with that prefix (the candidates), then two more digits among them only
     cand = np.empty(count[d], dtype=np.int64)
@@ -297,11 +305,7 @@ def smallest_k(score_bits, k, out):
             key = cand[j]
             if (key >> (shift + width)) == prefix:
                 count[(key >> shift) & mask] += 1
-        d = np.int64(0)
-        while rank > count[d]:
-            rank -= count[d]
-            below += count[d]
-            d += 1
+        d, rank, below = _digit_of_rank(count, rank, below)
         prefix = (prefix << width) | d
     if below + count[d] != k:
         return False  # the k-th key is tied with keys past the boundary: the set is not unique

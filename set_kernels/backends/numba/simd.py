@@ -136,19 +136,18 @@ class _Gen:
             b.branch(end)
         b.position_at_end(end)
 
-    def per_flags(self, flag, pf, loop):
-        """``loop(value, prefetch)`` emitted once for each value of the runtime booleans ``flag``
-        and ``pf`` (``pf`` rarely true), behind tests made once: a loop per case, with no flag
-        tested inside it."""
-        b = self.b
-        with b.if_else(flag) as (yes, no):
+    def per_flag(self, flag, body, likely=None):
+        """``body(value)`` emitted once for each value of the runtime boolean ``flag``, behind one
+        test: the code of each case tests no flag inside it."""
+        with self.b.if_else(flag, likely=likely) as (yes, no):
             for value, block in ((True, yes), (False, no)):
                 with block:
-                    with b.if_else(pf, likely=False) as (with_pf, without_pf):
-                        with with_pf:
-                            loop(value, True)
-                        with without_pf:
-                            loop(value, False)
+                    body(value)
+
+    def per_flags(self, flag, pf, loop):
+        """``loop(value, prefetch)`` for each value of the runtime booleans ``flag`` and ``pf``
+        (``pf`` rarely true): :meth:`per_flag` twice."""
+        self.per_flag(flag, lambda value: self.per_flag(pf, lambda prefetch: loop(value, prefetch), likely=False))
 
     def row_sums(self, n, init, e0, e1, entry, out):
         """``entry(e, accs)`` for ``e0 <= e < e1`` in order, ``accs`` alternating between two sets
@@ -299,11 +298,8 @@ def dot_entries(typingctx, a, b, row, col, out, e0, e1, nv, pf, last, ahead):
 
         # The flag and, for rows of one tile, the vector count are tested once per call, not per
         # entry: one loop for each (the same sums, in the same order)
-        with builder.if_else(pf_, likely=False) as (with_pf, without_pf):
-            for prefetch, block in ((True, with_pf), (False, without_pf)):
-                with block:
-                    g.per_nv(nv_, "dot", lambda n, pre=prefetch: loop(pre, n),
-                             default=lambda pre=prefetch: loop(pre, None))
+        g.per_flag(pf_, lambda prefetch: g.per_nv(nv_, "dot", lambda n: loop(prefetch, n),
+                                                  default=lambda: loop(prefetch, None)), likely=False)
         return context.get_dummy_value()
 
     return sig, codegen
