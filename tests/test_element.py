@@ -258,22 +258,26 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(b, density, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_transpose_both_paths(dtype):
-    """The element kernels' transpose, through its few-token (whole columns) and its tiled path,
-    on edge sizes: every output element is written with its transposed input, and the padding
-    columns up to whole vectors with zeros."""
+    """The element kernels' transpose (vector tiles transposed in registers, one value at a time
+    past the last whole vector of features) on edge sizes: token counts around a vector and a
+    token block, feature counts around a vector and a work item, rows of ``out`` padded to whole
+    vectors, longer, or not whole vectors (all scalar). Every output element is written with its
+    transposed input and the padding columns with zeros, outputs poisoned first."""
     np, spmm = _numba_spmm()
     rng = np.random.default_rng(3)
     itemsize = np.dtype(dtype).itemsize
-    few = spmm._COLS_BYTES // (spmm._COLS * itemsize)  # largest M of the few-token path
-    for M in (1, 3, few - 1, few, few + 1, 3 * spmm._T + 5):
+    vl = 64 // itemsize
+    group = spmm._TILE_GROUP * vl
+    for M in (0, 1, 3, vl - 1, vl, vl + 1, 40, spmm._TOKEN_BLOCK - 1, spmm._TOKEN_BLOCK + 5):
         Mp = spmm.padded_tokens(M, itemsize)
         assert Mp >= M and Mp * itemsize % 64 == 0 and Mp - M < 64 // itemsize
-        for n in (1, spmm._COLS - 1, spmm._COLS, spmm._COLS + 1, 1000):
+        for n in (1, vl - 1, vl, vl + 1, group - 1, group, group + 3, 1000):
             a = rng.standard_normal((M, n)).astype(dtype)
-            out = np.full((n, Mp), np.nan, dtype=dtype)
-            spmm.transpose(a, out)
-            np.testing.assert_array_equal(out[:, :M], a.T, err_msg=f"M={M} n={n}")
-            np.testing.assert_array_equal(out[:, M:], 0, err_msg=f"padding M={M} n={n}")
+            for width in {Mp, Mp + vl, M + 1}:  # whole vectors, more padding, rows of no whole vectors
+                out = np.full((n, width), np.nan, dtype=dtype)
+                spmm.transpose(a, out)
+                np.testing.assert_array_equal(out[:, :M], a.T, err_msg=f"M={M} n={n} width={width}")
+                np.testing.assert_array_equal(out[:, M:], 0, err_msg=f"padding M={M} n={n} width={width}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -643,11 +647,14 @@ def test_numba_transpose_act_grad(dtype):
     np, spmm = _numba_spmm()
     rng = np.random.default_rng(4)
     itemsize = np.dtype(dtype).itemsize
-    for M in (1, 7, 40, 300):
-        for n in (1, spmm._COLS - 1, spmm._COLS + 3, 200):
+    vl = 64 // itemsize
+    group = spmm._TILE_GROUP * vl
+    for M in (1, 7, vl, vl + 1, 40, 300):
+        for n in (1, vl - 1, vl + 1, group - 1, group + 3, 200):
             dy = rng.standard_normal((M, n)).astype(dtype)
             y = rng.standard_normal((M, n)).astype(dtype)
             y[rng.random((M, n)) < 0.2] = 0  # dropped or not positive: no gradient
+            y[rng.random((M, n)) < 0.02] = np.nan  # not positive either
             Mp = spmm.padded_tokens(M, itemsize)
             out = np.full((n, Mp), np.nan, dtype=dtype)
             dbias = np.full(n, np.nan, dtype=dtype)
@@ -657,6 +664,10 @@ def test_numba_transpose_act_grad(dtype):
             np.testing.assert_array_equal(out[:, M:], 0, err_msg=f"padding M={M} n={n}")
             tol = 1e-5 if dtype == "float32" else 1e-12
             np.testing.assert_allclose(dbias, g.astype(np.float64).sum(0), rtol=tol, atol=tol * M)
+            in_order = np.zeros(n, dtype=dtype)
+            for row in g:  # the documented order: token after token, from +0
+                in_order = in_order + row
+            np.testing.assert_array_equal(dbias, in_order, err_msg=f"bias gradient order M={M} n={n}")
             # the same on token-major operands, in place (the fused run's layers below the last)
             g_t = np.full((n, Mp), np.nan, dtype=dtype)
             g_t[:, :M] = dy.T
@@ -668,3 +679,37 @@ def test_numba_transpose_act_grad(dtype):
             assert np.isnan(g_t[:, M:]).all(), "act_grad_tm wrote past the tokens"
             np.testing.assert_allclose(dbias2, g.astype(np.float64).sum(0), rtol=tol, atol=tol * M)
 
+
+
+def test_exact_kernels_keep_their_flags_when_a_fast_math_function_compiles_them_first():
+    """numba compiles a kernel that leaves ``fastmath`` unset with the flags of the jitted function
+    whose compilation first reaches it, and keeps that variant for the signature. The element
+    kernels that must be exact (IEEE comparisons, sums in their written order) are called from the
+    fast-math wrappers (``linear_backward``, ``grads_t``), so their flags must hold whoever
+    compiles them first: a fresh copy of ``transpose_act_grad`` with the kernels' flags, compiled
+    by a fast-math caller, still reads ``NaN > 0`` as false (its scalar tail too) and its IR
+    carries no fast-math flag."""
+    np, spmm = _numba_spmm()
+    from numba import njit
+
+    flags = {k: v for k, v in spmm._EXACT.items() if k != "cache"}
+    kernel = njit(**flags)(spmm.transpose_act_grad.py_func)
+
+    @njit(fastmath=True)
+    def fast_caller(dy, y, out, dbias):
+        kernel(dy, y, 1.25, out, dbias)
+
+    M, n = 3, 16 * spmm._TILE_GROUP + 7  # one whole group of tiles, then a scalar tail
+    dy = np.ones((M, n), dtype=np.float32)
+    y = np.ones((M, n), dtype=np.float32)
+    y[:, 3] = np.nan
+    y[:, n - 4:] = np.nan
+    out = np.full((n, spmm.padded_tokens(M, 4)), np.nan, dtype=np.float32)
+    dbias = np.full(n, np.nan, dtype=np.float32)
+    fast_caller(dy, y, out, dbias)
+    assert len(kernel.signatures) == 1
+    expect = np.where(y > 0, np.float32(1.25), np.float32(0)).T
+    np.testing.assert_array_equal(out[:, :M], expect)
+    ir = kernel.inspect_llvm(kernel.signatures[0])
+    for flag in (" fast ", " nnan ", " reassoc "):
+        assert flag not in ir, f"the kernel was compiled with the caller's fast-math flag {flag.strip()!r}"

@@ -16,9 +16,14 @@ Contract (the callers in :mod:`.spmm` keep it; nothing is checked here, as in an
 * index arrays are 1-D integer arrays (any width), values 1-D, all of one float dtype;
 * every index read is in range (the ops check the layout once per index tensor).
 
-**Editing this file:** numba's compile cache keys a kernel on its own source file, so the
-kernels of :mod:`.spmm` that inline these intrinsics are not recompiled when only this file
-changes: touch ``spmm.py`` (or clear :func:`set_kernels.backends.numba.cache_dir`) as well.
+**Editing this file:** numba's compile cache keys a kernel on its own source file. The
+per-user cache of this backend also stamps the kernels with this file's digest
+(``INLINED_SOURCES``), so they are recompiled; numba's own cache locations
+(``$NUMBA_CACHE_DIR``) do not: clear them when this file changes.
+
+**Tile transposes** (:func:`transpose_tile`, :func:`transpose_act_tile`): a ``VL x VL`` tile is
+read as ``VL`` row vectors and transposed in registers by ``log2(VL)`` rounds of two-source
+shuffles, so that a transpose moves whole vectors instead of one value at a time.
 
 Prefetching (``pf``): at large widths every gathered row is a cache miss, so the rows of the
 entry ``ahead`` positions on (clamped at ``last``) are requested while the current one is summed,
@@ -360,6 +365,141 @@ def column_grads(typingctx, tile, dyT, xT, c, idx, v, perm, dv, e0, e1, t0, nv, 
             g.per_flags(first_, pf_, loop)  # the flags tested once per column, not per entry
 
         g.per_nv(nv_, "col", body)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ----------------------------------------------------------------------------- tile transposes
+def _transpose_vectors(g, vs):
+    """The ``VL x VL`` transpose of the rows ``vs`` (``VL`` vectors): ``log2(VL)`` rounds, each
+    interleaving row ``i`` with row ``i + VL/2`` into rows ``2i`` (their low halves) and ``2i + 1``
+    (their high halves). After ``log2(VL)`` of these perfect shuffles row ``k`` holds column ``k``.
+    One two-source shuffle per row and round (``vpermt2ps`` on AVX-512)."""
+    b, VL = g.b, g.VL
+    half = VL // 2
+    mask = ir.VectorType(_I32, VL)
+    lo = ir.Constant(mask, [j // 2 + (VL if j % 2 else 0) for j in range(VL)])
+    hi = ir.Constant(mask, [half + j // 2 + (VL if j % 2 else 0) for j in range(VL)])
+    for _ in range(VL.bit_length() - 1):
+        rows = []
+        for i in range(half):
+            rows += [b.shuffle_vector(vs[i], vs[i + half], lo), b.shuffle_vector(vs[i], vs[i + half], hi)]
+        vs = rows
+    return vs
+
+
+def _tile_rows(g, arr, r0, c0, nr):
+    """``VL`` vectors: ``arr[r0 + k, c0:c0 + VL]`` for ``k < nr`` (``1 <= nr <= VL``), zero for
+    the others (rows that may not exist: nothing past row ``r0 + nr - 1`` is read). A whole tile
+    is loaded straight; a partial one through a stack buffer of zeros."""
+    b = g.b
+    rs = g.row_stride(arr)
+    buf = cgutils.alloca_once(b, ir.ArrayType(g.vty, g.VL))
+
+    def slot(k):
+        return b.gep(buf, [ir.Constant(_I64, 0), k if isinstance(k, ir.Value) else ir.Constant(_I64, k)])
+
+    def row(k):
+        return b.gep(arr.data, [b.add(b.mul(b.add(r0, k), rs), c0)])
+
+    with b.if_else(b.icmp_signed("==", nr, ir.Constant(_I64, g.VL)), likely=True) as (whole, part):
+        with whole:
+            for k in range(g.VL):
+                b.store(g.vload(row(ir.Constant(_I64, k)), 0), slot(k))
+        with part:
+            for k in range(g.VL):
+                b.store(g.zero, slot(k))
+            with cgutils.for_range(b, nr) as loop:
+                b.store(g.vload(row(loop.index), 0), slot(loop.index))
+    return [b.load(slot(k)) for k in range(g.VL)]
+
+
+def _store_columns(g, dst, d0, t0, cols, nd=None):
+    """``dst[d0 + k, t0:t0 + VL] = cols[k]`` for ``k < nd`` (``1 <= nd <= VL``; None: all ``VL``):
+    nothing is written past row ``d0 + nd - 1``."""
+    b = g.b
+    rs = g.row_stride(dst)
+
+    def row(k):
+        return b.gep(dst.data, [b.add(b.mul(b.add(d0, k), rs), t0)])
+
+    def store_all():
+        for k, v in enumerate(cols):
+            g.vstore(v, row(ir.Constant(_I64, k)), 0)
+
+    if nd is None:
+        store_all()
+        return
+    with b.if_else(b.icmp_signed("==", nd, ir.Constant(_I64, g.VL)), likely=True) as (whole, part):
+        with whole:
+            store_all()
+        with part:
+            buf = cgutils.alloca_once(b, ir.ArrayType(g.vty, g.VL))
+            for k, v in enumerate(cols):
+                b.store(v, b.gep(buf, [ir.Constant(_I64, 0), ir.Constant(_I64, k)]))
+            with cgutils.for_range(b, nd) as loop:
+                v = b.load(b.gep(buf, [ir.Constant(_I64, 0), loop.index]))
+                b.store(v, b.bitcast(row(loop.index), g.vty.as_pointer()), align=g.itemsize)
+
+
+def _c_layout(*arrays) -> bool:
+    return all(a.layout == "C" and a.ndim >= 1 for a in arrays)
+
+
+@intrinsic
+def transpose_tile(typingctx, src, r0, c0, nr, dst, d0, t0, nd):
+    """``dst[d0 + k, t0 + i] = src[r0 + i, c0 + k]`` for ``k < nd`` and ``i < VL``, with the rows
+    ``i >= nr`` of ``src`` read as zeros (``1 <= nr, nd <= VL``): one ``VL x VL`` tile of a
+    transpose.
+
+    ``src`` and ``dst`` C-contiguous 2-D arrays of one float dtype; ``src`` has rows up to
+    ``r0 + nr - 1`` and columns ``c0:c0 + VL``, ``dst`` rows up to ``d0 + nd - 1`` and columns
+    ``t0:t0 + VL`` (nothing is checked here)."""
+    if not (_floats_match(src, dst) and _c_layout(src, dst) and src.ndim == dst.ndim == 2):
+        return None
+    sig = types.void(src, r0, c0, nr, dst, d0, t0, nd)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[0].dtype)
+        r0_, c0_, nr_, d0_, t0_, nd_ = (g.arg(args[i], st[i], types.int64) for i in (1, 2, 3, 5, 6, 7))
+        S, D = g.array(st[0], args[0]), g.array(st[4], args[4])
+        _store_columns(g, D, d0_, t0_, _transpose_vectors(g, _tile_rows(g, S, r0_, c0_, nr_)), nd_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def transpose_act_tile(typingctx, dy, y, r0, c0, nr, scale, dst, d0, t0, dbias, first):
+    """:func:`transpose_tile` of ``g = dy * scale if y > 0 else 0`` (the ReLU + dropout
+    epilogue's gradient), and the bias gradient of its ``VL`` columns:
+    ``dbias[c0:c0 + VL] = (0 if first else dbias[c0:c0 + VL]) + g[r0] + g[r0 + 1] + ...``, the rows
+    in order (the rows ``i >= nr`` add zeros, which change no sum that starts at +0).
+
+    ``dy``, ``y`` ``(M, n)`` and ``dst`` C-contiguous 2-D, ``dbias`` 1-D, one float dtype."""
+    if not (_floats_match(dy, y, dst, dbias) and _c_layout(dy, y, dst, dbias) and dy.ndim == y.ndim == dst.ndim == 2
+            and dbias.ndim == 1):
+        return None
+    sig = types.void(dy, y, r0, c0, nr, scale, dst, d0, t0, dbias, first)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[0].dtype)
+        b = builder
+        r0_, c0_, nr_, d0_, t0_ = (g.arg(args[i], st[i], types.int64) for i in (2, 3, 4, 7, 8))
+        s = g.splat(g.arg(args[5], st[5], st[0].dtype))
+        first_ = g.arg(args[10], st[10], types.boolean)
+        DY, Y, D, DB = (g.array(st[i], args[i]) for i in (0, 1, 6, 9))
+        gs = [b.select(b.fcmp_ordered(">", yv, g.zero), b.fmul(dv, s), g.zero)
+              for dv, yv in zip(_tile_rows(g, DY, r0_, c0_, nr_), _tile_rows(g, Y, r0_, c0_, nr_))]
+        sums = b.gep(DB.data, [c0_])
+        total = b.select(first_, g.zero, g.vload(sums, 0))
+        for v in gs:
+            total = b.fadd(total, v)
+        g.vstore(total, sums, 0)
+        _store_columns(g, D, d0_, t0_, _transpose_vectors(g, gs))
         return context.get_dummy_value()
 
     return sig, codegen

@@ -8,8 +8,9 @@ sparsity instead.
 Design:
 
 * **Activations token-major.** Every kernel first transposes its dense operands from ``(M, n)``
-  to ``(n, Mp)`` (a parallel copy, O(M * n); ``Mp`` is ``M`` rounded up to whole 64-byte vectors,
-  the padding zeroed), so that the tokens of one feature are one contiguous run. Each live
+  to ``(n, Mp)`` (a parallel copy, O(M * n), by ``VL x VL`` tiles transposed in registers;
+  ``Mp`` is ``M`` rounded up to whole 64-byte vectors, the padding zeroed), so that the tokens of
+  one feature are one contiguous run. Each live
   connection ``(r, c, w)`` then costs ``out[r, :] += w * in[c, :]`` over whole vectors of tokens:
   the gather is by feature, never by token.
 * **Explicit vectors** (:mod:`.simd`). The inner loops are numba intrinsics that emit LLVM vector
@@ -47,7 +48,8 @@ Design:
   where four per layer were made.
 * **Exact sums.** The kernels built on the intrinsics are compiled without fastmath (numba would
   put fast-math flags on the intrinsics' instructions too, and LLVM would then reorder each
-  kernel's sums its own way).
+  kernel's sums its own way), and say so explicitly (``_EXACT``): a kernel that leaves the flag
+  unset inherits it from the fast-math wrapper whose compilation first reaches it.
 
 Cost: O(nnz * M) arithmetic plus O((rows + cols) * M) for the transposes and output writes, with no term in
 ``rows * cols``. All index arithmetic is in int64 (``nnz`` and ``n * M`` may pass 2**31).
@@ -58,7 +60,8 @@ import numpy as np
 from numba import njit, prange
 
 from .dropout import keep_element
-from .simd import NV_MAX, VEC_BYTES, column_grads, dot_entries, lanes, row_accumulate
+from .simd import NV_MAX, VEC_BYTES, column_grads, dot_entries, lanes, row_accumulate, transpose_act_tile, \
+    transpose_tile
 
 _FLAGS = dict(parallel=True, fastmath=True, cache=True)
 _SERIAL = dict(fastmath=True, cache=True)
@@ -66,7 +69,14 @@ _SERIAL = dict(fastmath=True, cache=True)
 # flags on every floating-point instruction of a function, the intrinsics' own included, and LLVM
 # would then reorder their sums differently in each kernel (the fused backward and the separate
 # dX / dW kernels must agree bit for bit). The intrinsics already emit the FMAs they want.
-_EXACT = dict(parallel=True, cache=True)
+# ``fastmath=False`` is given explicitly: a kernel that leaves it unset inherits the flag of the
+# jitted function whose compilation first reaches it (the fast-math wrappers below, e.g.
+# ``linear_backward``), and that variant is the one the dispatcher and the cache then keep for its
+# signature: the kernels' sums and NaN tests then depended on which call compiled them first.
+_EXACT = dict(parallel=True, fastmath=False, cache=True)
+# Reassociation (vectorised sums) but IEEE comparisons: fast-math without "nnan" and "ninf", under
+# which LLVM may take ``NaN > 0`` for true.
+_REASSOC = dict(parallel=True, fastmath={"nsz", "arcp", "contract", "reassoc"}, cache=True)
 
 # Output features per work item of the forward / dX kernels (one 64-byte fp32 segment per token).
 ROW_CHUNK = 16
@@ -75,10 +85,10 @@ ENTRY_CHUNK = 1024
 # From this many tokens the forward uses _spmm_long, with token tiles of LONG_TILE.
 LONG_RUN_MIN = 256
 LONG_TILE = 512
-# Tile edge of the transposes; columns per work item, and the most bytes of them, of the few-token path.
-_T = 32
-_COLS = 64
-_COLS_BYTES = 16 << 10
+# Work items of the transposes: groups of this many vector-wide feature tiles (64 fp32 features,
+# four cache lines of each row read), by this many tokens (transpose only).
+_TILE_GROUP = 4
+_TOKEN_BLOCK = 256
 # Entries ahead whose operand rows are prefetched.
 PREFETCH_AHEAD = 16
 # Prefetch only when the gathered operand outgrows the per-core caches: below that the hints
@@ -105,11 +115,19 @@ def _work_item(w, n_tiles, TM, M, RC, n_out):
 @njit(inline="always")
 def _store_tile(tile, out, t0, tn, o0, rc):
     """``out[t0 + t, o0 + i] = tile[i, t]`` for ``t < tn``, ``i < rc``: a kernel's ``(rc, tn)``
-    token-major tile written into the row-major output as ``rc``-wide row segments."""
-    for t in range(tn):
-        dst = out[t0 + t, o0:o0 + rc]
-        for i in range(rc):
-            dst[i] = tile[i, t]
+    token-major tile written into the row-major output. Whole vectors of features go as ``VL x VL``
+    blocks transposed in registers (:func:`.simd.transpose_tile`; ``tile`` has whole vectors of
+    tokens), the rest as row segments of one value at a time."""
+    VL = lanes(out.itemsize)
+    full = rc - rc % VL
+    for k0 in range(0, full, VL):
+        for tt in range(0, tn, VL):
+            transpose_tile(tile, k0, tt, VL, out, t0 + tt, o0 + k0, min(VL, tn - tt))
+    if full < rc:
+        for t in range(tn):
+            dst = out[t0 + t, o0:o0 + rc]
+            for i in range(full, rc):
+                dst[i] = tile[i, t]
 
 
 # The forward's epilogue, ``act`` (int64 (4,)): ``[on, k0, k1, threshold]``. When ``on`` the
@@ -174,48 +192,48 @@ def _finish_tile(tile, out, t0, tn, o0, rc, M, n_out, act, scale, tm_out):
         _store_tile(tile, out, t0, tn, o0, rc)
 
 
-@njit(**_FLAGS)
+@njit(**_EXACT)
 def transpose(a, out):
     """``out[:, :M] = a (M, n).T`` and ``out[:, M:] = 0``, for ``out (n, Mp)`` with ``Mp >= M``.
 
-    Few tokens (``M * _COLS`` values fit ``_COLS_BYTES``, e.g. M <= 64 in fp32): each work item
-    copies ``_COLS`` whole columns of ``a``, all M rows, so the rows it reads stay in L1 (at
-    40 x 1000 fp32 about 7 us against 18-26 us for square tiles: a SET-MLP step makes eight
-    such transposes). More tokens: ``_T x _T`` tiles (both sides stay cache-friendly). The
-    padding columns are zeroed, so that the vector loops may read whole vectors of every row.
+    Work items are ``_TILE_GROUP`` tiles of ``VL`` features (one vector) by up to ``_TOKEN_BLOCK``
+    tokens. Each ``VL x VL`` tile is read as ``VL`` row vectors of ``a`` and transposed in
+    registers (:func:`.simd.transpose_tile`), so every load and store is a whole vector; a
+    partial last token tile reads zeros past row ``M - 1`` and so writes the padding itself.
+    Features past the last whole vector, or an ``out`` whose rows are not whole vectors, are
+    copied one value at a time. The padding columns are zeroed, so that the vector loops may read
+    whole vectors of every row. (At 40 x 4000 fp32 about 2x faster than the scalar copy by
+    columns it replaced.)
     """
     M, n = a.shape
     Mp = out.shape[1]
     zero = out.dtype.type(0)
-    if M * _COLS * a.itemsize <= _COLS_BYTES:
-        n_items = (n + _COLS - 1) // _COLS
-        for w in prange(n_items):
-            n0 = w * _COLS
-            for j in range(n0, min(n, n0 + _COLS)):
+    VL = lanes(out.itemsize)
+    vec = Mp % VL == 0 and Mp >= M
+    group = _TILE_GROUP * VL
+    n_groups = (n + group - 1) // group
+    n_blocks = max(1, (M + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK)
+    for w in prange(n_groups * n_blocks):
+        fg = w // n_blocks
+        tb = w - fg * n_blocks
+        j_lo = fg * group
+        j_hi = min(n, j_lo + group)
+        j_vec = j_lo + (j_hi - j_lo) // VL * VL if vec else j_lo  # features of whole tiles: j_lo:j_vec
+        t_lo = tb * _TOKEN_BLOCK
+        t_hi = min(M, t_lo + _TOKEN_BLOCK)
+        for t0 in range(t_lo, t_hi, VL):
+            for j0 in range(j_lo, j_vec, VL):
+                transpose_tile(a, t0, j0, min(VL, M - t0), out, j0, t0, VL)
+        for j in range(j_vec, j_hi):
+            dst = out[j]
+            for t in range(t_lo, t_hi):
+                dst[t] = a[t, j]
+        if tb == n_blocks - 1:  # the padding not written by a tile
+            t_vec = (M + VL - 1) // VL * VL
+            for j in range(j_lo, j_hi):
                 dst = out[j]
-                for i in range(M):
-                    dst[i] = a[i, j]
-                for i in range(M, Mp):
-                    dst[i] = zero
-        return
-    nt_m = (M + _T - 1) // _T
-    nt_n = (n + _T - 1) // _T
-    for w in prange(nt_m * nt_n):
-        bm = w // nt_n
-        bn = w - bm * nt_n
-        m0 = bm * _T
-        n0 = bn * _T
-        mn = min(_T, M - m0)
-        nn = min(_T, n - n0)
-        last = m0 + mn == M
-        for j in range(nn):
-            dst = out[n0 + j, m0:m0 + mn]
-            for i in range(mn):
-                dst[i] = a[m0 + i, n0 + j]
-            if last:
-                pad = out[n0 + j]
-                for i in range(M, Mp):
-                    pad[i] = zero
+                for t in range(t_vec if j < j_vec else M, Mp):
+                    dst[t] = zero
 
 
 @njit(**_EXACT)
@@ -329,41 +347,46 @@ def linear_grad_input(dy, v, col_ptr, row_idx, perm, dx, dyT, RC):
     _spmm_t(dyT, dy.shape[0], v, col_ptr, row_idx, perm, True, v[:0], False, dx, RC, NO_ACT, 1.0, False)
 
 
-@njit(**_FLAGS)
+@njit(**_EXACT)
 def transpose_act_grad(dy, y, scale, out, dbias):
     """The gradient through the forward's ReLU + dropout epilogue, transposed: ``out[:, :M] =
     (dy * scale * (y > 0)).T``, ``out[:, M:] = 0``, and ``dbias[j] = sum_t out[j, t]`` (tokens in
     order), for ``dy, y (M, n)`` and ``out (n, Mp)``. ``y > 0`` exactly where the epilogue kept
-    the element and its input was positive (as in :func:`.dropout.relu_dropout_grad`)."""
+    the element and its input was positive (as in :func:`.dropout.relu_dropout_grad`).
+
+    Work items are ``_TILE_GROUP`` tiles of ``VL`` features, all tokens (each bias gradient is
+    summed by one thread); each ``VL x VL`` tile is read as row vectors of ``dy`` and ``y``,
+    masked, summed into the bias gradient and transposed in registers
+    (:func:`.simd.transpose_act_tile`). Features past the last whole vector go one value at a
+    time, the sums in the same order.
+    """
     M, n = dy.shape
     Mp = out.shape[1]
     zero = out.dtype.type(0)
     s = out.dtype.type(scale)
-    n_items = (n + _COLS - 1) // _COLS
-    for w in prange(n_items):
-        # _COLS features, all tokens: dy and y are read a row segment at a time (contiguous, what
-        # the prefetchers follow: column-wise reads of both, cold, made the fused backward slower
-        # than the modules'), the masked gradient kept in a small buffer that is then written
-        # out transposed, the sums in token order
-        n0 = w * _COLS
-        nc = min(n, n0 + _COLS) - n0
-        buf = np.empty((M, _COLS), dtype=out.dtype)
-        for i in range(M):
-            d = dy[i, n0:n0 + nc]
-            a = y[i, n0:n0 + nc]
-            b = buf[i]
-            for j in range(nc):
-                b[j] = d[j] * s if a[j] > zero else zero
-        for j in range(nc):
-            dst = out[n0 + j]
+    VL = lanes(out.itemsize)
+    vec = Mp % VL == 0 and Mp >= M and M > 0
+    group = _TILE_GROUP * VL
+    t_vec = (M + VL - 1) // VL * VL
+    for fg in prange((n + group - 1) // group):
+        j_lo = fg * group
+        j_hi = min(n, j_lo + group)
+        j_vec = j_lo + (j_hi - j_lo) // VL * VL if vec else j_lo
+        for t0 in range(0, M if j_vec > j_lo else 0, VL):
+            for j0 in range(j_lo, j_vec, VL):
+                transpose_act_tile(dy, y, t0, j0, min(VL, M - t0), s, out, j0, t0, dbias, t0 == 0)
+        for j in range(j_vec, j_hi):
+            dst = out[j]
             total = zero
-            for i in range(M):
-                g = buf[i, j]
-                dst[i] = g
+            for t in range(M):
+                g = dy[t, j] * s if y[t, j] > zero else zero
+                dst[t] = g
                 total += g
-            for i in range(M, Mp):
-                dst[i] = zero
-            dbias[n0 + j] = total
+            dbias[j] = total
+        for j in range(j_lo, j_hi):
+            dst = out[j]
+            for t in range(t_vec if j < j_vec else M, Mp):
+                dst[t] = zero
 
 
 @njit(**_SERIAL)
@@ -397,11 +420,14 @@ def grads_t(dyT, xT, M, v, col_ptr, row_idx, perm, row, col, need_dx, need_dv, d
         _sddmm_t(dyT, xT, M, row, col, dv, EC)
 
 
-@njit(**_FLAGS)
+@njit(**_REASSOC)
 def act_grad_tm(gT, yT, M, scale, dbias):
     """:func:`transpose_act_grad` on operands already token-major, in place: ``gT[j, t] =
-    gT[j, t] * scale if yT[j, t] > 0 else 0`` for ``t < M``, and ``dbias[j] = sum_t gT[j, t]``
-    (tokens in order), for ``gT, yT (n, Mp)``; the padding tokens are left as they are."""
+    gT[j, t] * scale if yT[j, t] > 0 else 0`` for ``t < M`` (NaN is not > 0), and ``dbias[j] =
+    sum_t gT[j, t]``, for ``gT, yT (n, Mp)``; the padding tokens are left as they are. The sum is
+    vectorised over tokens (partial sums, then added), so its order differs from the token order
+    of :func:`transpose_act_grad`: a sum in token order over one feature's row would be a serial
+    chain of additions per feature."""
     zero = gT.dtype.type(0)
     s = gT.dtype.type(scale)
     for j in prange(gT.shape[0]):
