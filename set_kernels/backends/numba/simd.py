@@ -503,3 +503,27 @@ def transpose_act_tile(typingctx, dy, y, r0, c0, nr, scale, dst, d0, t0, dbias, 
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def copy_vectors(typingctx, src, s0, dst, d0, n):
+    """``dst[d0:d0 + n*VL] = src[s0:s0 + n*VL]``: ``n`` whole vectors between two 1-D arrays of one
+    float dtype (in range; nothing is checked here). A numba loop of a runtime length of a few
+    vectors runs scalar (its vector body is 64 values wide)."""
+    if not (_floats_match(src, dst) and src.ndim == dst.ndim == 1):
+        return None
+    sig = types.void(src, s0, dst, d0, n)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[0].dtype)
+        s0_, d0_, n_ = (g.arg(args[i], st[i], types.int64) for i in (1, 3, 4))
+        S, D = g.array(st[0], args[0]), g.array(st[2], args[2])
+        ps, pd = builder.gep(S.data, [s0_]), builder.gep(D.data, [d0_])
+        with cgutils.for_range(builder, n_) as loop:
+            k = builder.mul(loop.index, ir.Constant(_I64, g.VL))
+            v = g.vload(ps, k)
+            builder.store(v, builder.bitcast(builder.gep(pd, [k]), g.vty.as_pointer()), align=g.itemsize)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -60,8 +60,8 @@ import numpy as np
 from numba import njit, prange
 
 from .dropout import keep_element
-from .simd import NV_MAX, VEC_BYTES, column_grads, dot_entries, lanes, row_accumulate, transpose_act_tile, \
-    transpose_tile
+from .simd import NV_MAX, VEC_BYTES, column_grads, copy_vectors, dot_entries, lanes, row_accumulate, \
+    transpose_act_tile, transpose_tile
 
 _FLAGS = dict(parallel=True, fastmath=True, cache=True)
 _SERIAL = dict(fastmath=True, cache=True)
@@ -143,11 +143,10 @@ def _store_tile_tm(tile, outT, t0, tn, o0, rc, M):
     the last one (the next kernel reads whole vectors of every row)."""
     zero = outT.dtype.type(0)
     pad = t0 + tn == M
+    nv = (tn + lanes(outT.itemsize) - 1) // lanes(outT.itemsize)
     for i in range(rc):
         dst = outT[o0 + i]
-        src = tile[i]
-        for t in range(tn):
-            dst[t0 + t] = src[t]
+        copy_vectors(tile[i], 0, dst, t0, nv)  # whole vectors: past tn only padding, zeroed below
         if pad:
             for t in range(M, outT.shape[1]):
                 dst[t] = zero
