@@ -713,3 +713,30 @@ def test_exact_kernels_keep_their_flags_when_a_fast_math_function_compiles_them_
     ir = kernel.inspect_llvm(kernel.signatures[0])
     for flag in (" fast ", " nnan ", " reassoc "):
         assert flag not in ir, f"the kernel was compiled with the caller's fast-math flag {flag.strip()!r}"
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_ops_take_non_contiguous_dense_operands(block_size):
+    """The ops called directly (``torch.ops.set_kernels``) with transposed views for ``x`` and
+    ``dy`` give what they give on contiguous copies, bit for bit: the numba kernels read whole
+    rows as vectors, so the backend makes its dense operands contiguous first."""
+    lin = sk.nn.SparseLinear(50, 37, density=0.4, block_size=block_size, generator=gen(5))
+    index = lin.layout.index
+    x = randn(50, 9, seed=6).t()  # (9, 50), not contiguous
+    dy = randn(37, 9, seed=7).t()
+    assert not x.is_contiguous() and not dy.is_contiguous()
+    ops = torch.ops.set_kernels
+    with sk.backends.use("numba"):
+        pairs = [
+            (ops.linear_forward(x, lin.values, index, lin.bias, 37, 50, block_size),
+             ops.linear_forward(x.contiguous(), lin.values, index, lin.bias, 37, 50, block_size)),
+            (ops.linear_grad_input(dy, lin.values, index, 37, 50, block_size),
+             ops.linear_grad_input(dy.contiguous(), lin.values, index, 37, 50, block_size)),
+            (ops.linear_grad_weight(dy, x, index, 37, 50, block_size),
+             ops.linear_grad_weight(dy.contiguous(), x.contiguous(), index, 37, 50, block_size)),
+        ]
+    for got, want in pairs:
+        assert torch.equal(got, want)
+    w = sk.ops.to_dense(lin.values.detach(), lin.layout).double()
+    ref = torch.nn.functional.linear(x.double(), w, lin.bias.detach().double())
+    torch.testing.assert_close(pairs[0][1].double(), ref, rtol=1e-5, atol=1e-5)

@@ -336,7 +336,8 @@ def _product(a, values, index, bias, rows: int, cols: int, block_size: int, tran
         return out
     for t in index:
         _check_index(t)
-    an, vn, idx = _np(a), _np(values), [_np(t) for t in index]
+    # dense operands contiguous: the kernels read whole rows as vectors (a direct op call may pass views)
+    an, vn, idx = _np(a.contiguous()), _np(values), [_np(t) for t in index]
     bias_args = () if transposed else ((vn.reshape(-1)[:0], False) if bias is None else (_np(bias), True))
     if b == 1:
         (aT,) = _scratch(an.dtype, (n_in, spmm.padded_tokens(M, an.itemsize)))
@@ -366,7 +367,7 @@ def linear_grad_weight(dy, x, block_row, col_idx, rows: int, cols: int, block_si
         return dv.zero_()
     _check_index(block_row)
     _check_index(col_idx)
-    dyn, xn = _np(dy), _np(x)
+    dyn, xn = _np(dy.contiguous()), _np(x.contiguous())
     M = dyn.shape[0]
     if b == 1:
         Mp = spmm.padded_tokens(M, dyn.itemsize)
@@ -419,10 +420,10 @@ def _element_backward(dy, y, scale, x, values, col_ptr, row_idx, perm, block_row
     dx = torch.empty(M, cols, dtype=dy.dtype)
     dv = torch.empty(nnz, 1, 1, dtype=dy.dtype)
     dbias = torch.empty(rows, dtype=dy.dtype) if y is not None else None
-    dyn, xn = _np(dy), _np(x)
+    dyn, xn = _np(dy.contiguous()), _np(x.contiguous())
     Mp = spmm.padded_tokens(M, dyn.itemsize)
     dyT, xT = _scratch(dyn.dtype, (rows, Mp), (cols, Mp))
-    yn = dyn[:0] if y is None else _np(y)
+    yn = dyn[:0] if y is None else _np(y.contiguous())
     dbn = dyn[0, :0] if dbias is None else dbias.numpy()
     spmm.linear_backward(dyn, xn, _np(values).reshape(-1), _np(col_ptr), _np(row_idx), _np(perm), _np(block_row),
                   _np(col_idx), bool(need_dx), bool(need_dv), dx.numpy(), dv.numpy().reshape(-1), dyT, xT,
@@ -454,7 +455,7 @@ def relu_dropout_chain_forward(x, layers):
     not by the backward (:func:`relu_dropout_chain_backward`).
     """
     spmm = _load()[3]
-    xn = _np(x)
+    xn = _np(x.contiguous())
     M = xn.shape[0]
     Mp = spmm.padded_tokens(M, xn.itemsize)
     a_t = torch.empty(xn.shape[1], Mp, dtype=x.dtype).numpy()  # torch's allocations are 64-byte aligned
@@ -488,13 +489,13 @@ def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv,
     bit for bit, apart from the bias gradients' order of summation.
     """
     spmm = _load()[3]
-    dyn = _np(dy)
+    dyn = _np(dy.contiguous())
     M, k = dyn.shape[0], len(layers)
     Mp = inputs_t[0].shape[1]
     rows_last = layers[-1][6]
     (g_t,) = _scratch(dyn.dtype, (rows_last, Mp))
     db = torch.empty(rows_last, dtype=dy.dtype)
-    spmm.transpose_act_grad(dyn, _np(y), float(layers[-1][8]), g_t, db.numpy())
+    spmm.transpose_act_grad(dyn, _np(y.contiguous()), float(layers[-1][8]), g_t, db.numpy())
     dvs, dbs, dx = [None] * k, [None] * k, None
     for i in reversed(range(k)):
         values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, scale = layers[i]
