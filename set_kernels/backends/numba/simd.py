@@ -98,7 +98,7 @@ class _Gen:
         return self.b.load(self.b.bitcast(p, self.vty.as_pointer()), align=self.itemsize)
 
     def vstore(self, val, base, k):
-        p = self.b.gep(base, [ir.Constant(_I64, k * self.VL)])
+        p = self.b.gep(base, [k if isinstance(k, ir.Value) else ir.Constant(_I64, k * self.VL)])
         self.b.store(val, self.b.bitcast(p, self.vty.as_pointer()), align=self.itemsize)
 
     def fma(self, a, x, acc):
@@ -405,14 +405,22 @@ def _tile_rows(g, arr, r0, c0, nr):
 
     with b.if_else(b.icmp_signed("==", nr, ir.Constant(_I64, g.VL)), likely=True) as (whole, part):
         with whole:
-            for k in range(g.VL):
-                b.store(g.vload(row(ir.Constant(_I64, k)), 0), slot(k))
+            direct = [g.vload(row(ir.Constant(_I64, k)), 0) for k in range(g.VL)]
+            whole_end = b.block
         with part:
             for k in range(g.VL):
                 b.store(g.zero, slot(k))
             with cgutils.for_range(b, nr) as loop:
                 b.store(g.vload(row(loop.index), 0), slot(loop.index))
-    return [b.load(slot(k)) for k in range(g.VL)]
+            buffered = [b.load(slot(k)) for k in range(g.VL)]
+            part_end = b.block
+    rows = []
+    for v_whole, v_part in zip(direct, buffered):  # a whole tile stays in registers
+        phi = b.phi(g.vty)
+        phi.add_incoming(v_whole, whole_end)
+        phi.add_incoming(v_part, part_end)
+        rows.append(phi)
+    return rows
 
 
 def _store_columns(g, dst, d0, t0, cols, nd=None):
@@ -439,8 +447,7 @@ def _store_columns(g, dst, d0, t0, cols, nd=None):
             for k, v in enumerate(cols):
                 b.store(v, b.gep(buf, [ir.Constant(_I64, 0), ir.Constant(_I64, k)]))
             with cgutils.for_range(b, nd) as loop:
-                v = b.load(b.gep(buf, [ir.Constant(_I64, 0), loop.index]))
-                b.store(v, b.bitcast(row(loop.index), g.vty.as_pointer()), align=g.itemsize)
+                g.vstore(b.load(b.gep(buf, [ir.Constant(_I64, 0), loop.index])), row(loop.index), 0)
 
 
 def _c_layout(*arrays) -> bool:
@@ -522,8 +529,7 @@ def copy_vectors(typingctx, src, s0, dst, d0, n):
         ps, pd = builder.gep(S.data, [s0_]), builder.gep(D.data, [d0_])
         with cgutils.for_range(builder, n_) as loop:
             k = builder.mul(loop.index, ir.Constant(_I64, g.VL))
-            v = g.vload(ps, k)
-            builder.store(v, builder.bitcast(builder.gep(pd, [k]), g.vty.as_pointer()), align=g.itemsize)
+            g.vstore(g.vload(ps, k), pd, k)
         return context.get_dummy_value()
 
     return sig, codegen
