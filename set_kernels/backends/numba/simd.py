@@ -451,7 +451,7 @@ def _store_columns(g, dst, d0, t0, cols, nd=None):
 
 
 def _c_layout(*arrays) -> bool:
-    return all(a.layout == "C" and a.ndim >= 1 for a in arrays)
+    return all(a.layout == "C" for a in arrays)
 
 
 @intrinsic

@@ -191,6 +191,20 @@ def _finish_tile(tile, out, t0, tn, o0, rc, M, n_out, act, scale, tm_out):
         _store_tile(tile, out, t0, tn, o0, rc)
 
 
+@njit(inline="always")
+def _zero_padding(out, j_lo, j_vec, j_hi, M):
+    """The padding tokens of rows ``j_lo:j_hi`` of a transposed ``out (n, Mp)`` that no tile wrote:
+    from ``M`` rounded up to whole vectors for the rows of whole tiles (``j_lo:j_vec``, whose
+    last tile wrote zeros up to there), from ``M`` for the rows copied one value at a time."""
+    VL = lanes(out.itemsize)
+    zero = out.dtype.type(0)
+    t_vec = (M + VL - 1) // VL * VL
+    for j in range(j_lo, j_hi):
+        dst = out[j]
+        for t in range(t_vec if j < j_vec else M, out.shape[1]):
+            dst[t] = zero
+
+
 @njit(**_EXACT)
 def transpose(a, out):
     """``out[:, :M] = a (M, n).T`` and ``out[:, M:] = 0``, for ``out (n, Mp)`` with ``Mp >= M``.
@@ -206,7 +220,6 @@ def transpose(a, out):
     """
     M, n = a.shape
     Mp = out.shape[1]
-    zero = out.dtype.type(0)
     VL = lanes(out.itemsize)
     vec = Mp % VL == 0 and Mp >= M
     group = _TILE_GROUP * VL
@@ -227,12 +240,8 @@ def transpose(a, out):
             dst = out[j]
             for t in range(t_lo, t_hi):
                 dst[t] = a[t, j]
-        if tb == n_blocks - 1:  # the padding not written by a tile
-            t_vec = (M + VL - 1) // VL * VL
-            for j in range(j_lo, j_hi):
-                dst = out[j]
-                for t in range(t_vec if j < j_vec else M, Mp):
-                    dst[t] = zero
+        if tb == n_blocks - 1:
+            _zero_padding(out, j_lo, j_vec, j_hi, M)
 
 
 @njit(**_EXACT)
@@ -366,7 +375,6 @@ def transpose_act_grad(dy, y, scale, out, dbias):
     VL = lanes(out.itemsize)
     vec = Mp % VL == 0 and Mp >= M and M > 0
     group = _TILE_GROUP * VL
-    t_vec = (M + VL - 1) // VL * VL
     for fg in prange((n + group - 1) // group):
         j_lo = fg * group
         j_hi = min(n, j_lo + group)
@@ -382,10 +390,7 @@ def transpose_act_grad(dy, y, scale, out, dbias):
                 dst[t] = g
                 total += g
             dbias[j] = total
-        for j in range(j_lo, j_hi):
-            dst = out[j]
-            for t in range(t_vec if j < j_vec else M, Mp):
-                dst[t] = zero
+        _zero_padding(out, j_lo, j_vec, j_hi, M)
 
 
 @njit(**_SERIAL)
