@@ -210,9 +210,15 @@ def test_starting_numba_keeps_torch_thread_count(n):
 
 
 # ------------------------------------------------------------------- fused SparseLinear + ReLUDropout
-def _mlp(dtype, density=None, sizes=(70, 53, 33, 5), bias=True):
+class _Readout(torch.nn.Linear):
+    """An ``nn.Linear`` that a fused run does not take in (not exactly ``nn.Linear``): the tests
+    of the run's bits against the modules use it."""
+
+
+def _mlp(dtype, density=None, sizes=(70, 53, 33, 5), bias=True, fuse_readout=False, readout_bias=True):
     """SparseLinear(b=1) + ReLUDropout pairs and a dense readout, as a FusedSequential and as a
-    plain Sequential of the same modules."""
+    plain Sequential of the same modules. The readout is an ``nn.Linear`` (which the fused run
+    takes in) when ``fuse_readout``, else a :class:`_Readout`."""
     import set_kernels as sk
     from set_kernels.nn.dropout import FusedSequential, ReLUDropout
 
@@ -226,7 +232,12 @@ def _mlp(dtype, density=None, sizes=(70, 53, 33, 5), bias=True):
             if bias:
                 lin.bias.uniform_(-0.3, 0.3, generator=g)
         mods += [lin, ReLUDropout(0.25)]
-    mods.append(torch.nn.Linear(sizes[-2], sizes[-1], dtype=dtype))
+    head = (torch.nn.Linear if fuse_readout else _Readout)(sizes[-2], sizes[-1], dtype=dtype, bias=readout_bias)
+    with torch.no_grad():
+        head.weight.uniform_(-0.5, 0.5, generator=g)
+        if readout_bias:
+            head.bias.uniform_(-0.3, 0.3, generator=g)
+    mods.append(head)
     return FusedSequential(*mods), torch.nn.Sequential(*mods)
 
 
@@ -245,13 +256,15 @@ def _run(model, x, seed=9, create_graph=False):
 
 
 def _count_chain_nodes(monkeypatch):
-    """Patch the fused run's forward to record the number of layers of each call."""
+    """Patch the fused run's forward to record the number of layers of each call, plus 0.5 when
+    it takes in a readout."""
     from set_kernels.nn import dropout
 
     calls = []
     f = dropout._SparseReLUDropoutChain.forward
     monkeypatch.setattr(dropout._SparseReLUDropoutChain, "forward",
-                        staticmethod(lambda ctx, x, layers, *p: calls.append(len(layers)) or f(ctx, x, layers, *p)))
+                        staticmethod(lambda ctx, x, layers, readout, *p:
+                                     calls.append(len(layers) + (0.5 if readout else 0)) or f(ctx, x, layers, readout, *p)))
     return calls
 
 
@@ -403,3 +416,77 @@ def test_fused_path_falls_back_to_the_modules():
     fused[0].backend = fused[2].backend = "torch"  # not the numba backend: module by module
     for a, b in zip(_run(fused, x), _run(plain, x)):
         assert torch.equal(a, b)
+
+
+def _assert_close_to_modules(got, ref, plain, dtype, exact_y=False):
+    """Every output and gradient close to the modules' (the readout's kernels sum in their own
+    order); ``exact_y``: the output bit for bit."""
+    names = ["y", "dx"] + [n for n, _ in plain.named_parameters()]
+    assert len(got) == len(ref) == len(names)
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    for name, a, b in zip(names, got, ref):
+        if a is None or b is None:
+            assert a is None and b is None, name
+        elif exact_y and name == "y":
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M", [1, 7, 40, 255, 300])
+def test_fused_run_takes_in_a_small_readout(dtype, M, monkeypatch):
+    """A plain ``nn.Linear`` of at most ``READOUT_MAX`` outputs after the pairs joins the fused
+    run (one node: both layers and the readout). Below 256 tokens its kernels sum in their own
+    order: the outputs and every gradient are close to the modules' (the same masks: a wrong
+    mask would move them by far more); from 256 tokens the layers run one by one and the readout
+    through ``F.linear``, so the output is the modules' bit for bit."""
+    from set_kernels.backends import numba as nb
+    from set_kernels.nn import dropout
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    assert dropout._READOUT_MAX == nb._load()[3].READOUT_MAX
+    fused, plain = _mlp(dtype, sizes=(70, 53, 33, 10), fuse_readout=True)
+    x = torch.randn(M, 70, generator=torch.Generator().manual_seed(M + 1), dtype=dtype)
+    calls = _count_chain_nodes(monkeypatch)
+    got = _run(fused, x)
+    assert calls == [2.5]
+    ref = _run(plain, x)
+    assert calls == [2.5]
+    _assert_close_to_modules(got, ref, plain, dtype, exact_y=M >= 256)
+    assert not torch.equal(got[-2], torch.zeros_like(got[-2])), "no readout weight gradient"
+
+
+def test_fused_readout_variants(monkeypatch):
+    """A readout without bias, a frozen readout weight (no dW for it, the rest as before), a
+    readout of more than READOUT_MAX outputs and one with a hook (both run as modules, bit for
+    bit, the hook sees its call), and the double backward through a fused readout."""
+    from set_kernels.backends import numba as nb
+    from set_kernels.nn import dropout
+
+    if not nb.availability()[0]:
+        pytest.skip(nb.availability()[1])
+    x = torch.randn(9, 70, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    calls = _count_chain_nodes(monkeypatch)
+    fused, plain = _mlp(torch.float64, sizes=(70, 53, 33, 10), fuse_readout=True, readout_bias=False)
+    _assert_close_to_modules(_run(fused, x), _run(plain, x), plain, torch.float64)
+    assert calls == [2.5]
+    fused[4].weight.requires_grad_(False)
+    got, ref = _run(fused, x), _run(plain, x)
+    assert got[-1] is None
+    _assert_close_to_modules(got, ref, plain, torch.float64)
+    assert calls == [2.5, 2.5]
+    fused[4].weight.requires_grad_(True)
+    for a, b in zip(_run(fused, x, create_graph=True), _run(plain, x, create_graph=True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)  # (squares of values up to ~20)
+    assert calls[2:] == [2.5, 1, 1]  # the fused node, then its replay: one node per layer (and F.linear)
+    calls.clear()
+    wide, wide_plain = _mlp(torch.float64, sizes=(70, 53, 33, dropout._READOUT_MAX + 1), fuse_readout=True)
+    _assert_same_as_modules(_run(wide, x), _run(wide_plain, x), wide_plain, 9, torch.float64)
+    assert calls == [2]
+    calls.clear()
+    seen = []
+    fused[4].register_forward_hook(lambda *args: seen.append(1))
+    _assert_same_as_modules(_run(fused, x), _run(plain, x), plain, 9, torch.float64)
+    assert calls == [2] and len(seen) == 2

@@ -681,6 +681,80 @@ def test_numba_transpose_act_grad(dtype):
 
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_dense_readout_kernels_against_fp64(dtype):
+    """The fused run's dense readout (``readout_forward_t``, ``readout_backward_t``) against float64
+    on edge sizes (one output and ``READOUT_MAX``, groups of outputs that do not divide them,
+    features not a whole number of vectors or chunks, 1 to 255 tokens), outputs poisoned first:
+    ``y = a @ w.T + b``; ``dh = (dy @ w) * scale`` where ``a > 0`` (token-major, padding zero) and
+    its sum over tokens; ``dw = dy.T @ a``, or ``dw`` left alone when not needed. The sums do not
+    depend on the number of threads (same bits with one thread)."""
+    np, spmm = _numba_spmm()
+    rng = np.random.default_rng(12)
+    itemsize = np.dtype(dtype).itemsize
+    vl = 64 // itemsize
+    eps = np.finfo(dtype).eps
+    for n_out, n_in, M in [(1, 1, 1), (10, 4000, 40), (spmm.READOUT_MAX, 100, 200), (7, spmm.READOUT_CHUNK + 1, 65),
+                           (13, vl - 1, 5), (3, vl * 4 * 2 + 5, 255), (6, 33, vl)]:
+        where = f"n_out={n_out} n_in={n_in} M={M}"
+        Mp = spmm.padded_tokens(M, itemsize)
+        a = np.maximum(rng.standard_normal((M, n_in)), 0).astype(dtype)  # a ReLU's output: zeros too
+        a_t = np.zeros((n_in, Mp), dtype)
+        a_t[:, :M] = a.T
+        w = rng.standard_normal((n_out, n_in)).astype(dtype)
+        bias = rng.standard_normal(n_out).astype(dtype)
+        y = np.full((M, n_out), np.nan, dtype)
+        part = np.full((spmm.readout_chunks(n_in), n_out, Mp), np.nan, dtype)
+        spmm.readout_forward_t(a_t, M, w, bias, True, y, part)
+        a64, w64 = a.astype(np.float64), w.astype(np.float64)
+        ref = a64 @ w64.T + bias
+        bound = np.abs(a64) @ np.abs(w64).T + np.abs(bias)  # sum of |terms|
+        assert np.all(np.abs(y - ref) <= 32 * eps * bound + 1e-300), where
+        y_nb = np.full_like(y, np.nan)
+        spmm.readout_forward_t(a_t, M, w, bias, False, y_nb, part)
+        np.testing.assert_allclose(y_nb, ref - bias, rtol=0, atol=float((32 * eps * bound).max()), err_msg=where)
+
+        dy = rng.standard_normal((M, n_out)).astype(dtype)
+        dy_t = np.zeros((n_out, Mp), dtype)
+        dy_t[:, :M] = dy.T
+        scale = 1.25
+        dh_t = np.full((n_in, Mp), np.nan, dtype)
+        dw = np.full((n_out, n_in), np.nan, dtype)
+        dbias = np.full(n_in, np.nan, dtype)
+        spmm.readout_backward_t(dy_t, a_t, M, w, scale, dh_t, dw, True, dbias)
+        dy64 = dy.astype(np.float64)
+        dh = np.where(a > 0, (dy64 @ w64) * scale, 0)
+        dh_bound = (np.abs(dy64) @ np.abs(w64)) * scale
+        assert np.all(np.abs(dh_t[:, :M].T - dh) <= 32 * eps * dh_bound + 1e-300), where
+        np.testing.assert_array_equal(dh_t[:, M:], 0, err_msg=f"padding {where}")
+        assert np.all(np.abs(dbias - dh.sum(0)) <= 32 * eps * (M + 8) * dh_bound.sum(0) + 1e-300), where
+        dw_bound = np.abs(dy64).T @ np.abs(a64)
+        assert np.all(np.abs(dw - dy64.T @ a64) <= 32 * eps * dw_bound + 1e-300), where
+        untouched = np.full_like(dw, np.nan)
+        dh_t2 = np.full_like(dh_t, np.nan)
+        spmm.readout_backward_t(dy_t, a_t, M, w, scale, dh_t2, untouched, False, dbias)
+        assert np.isnan(untouched).all(), "dw written though not needed"
+        np.testing.assert_array_equal(dh_t2, dh_t, err_msg=where)
+        import numba
+
+        threads = numba.get_num_threads()
+        try:
+            numba.set_num_threads(1)
+            y1, dw1, dh1 = np.full_like(y, np.nan), np.full_like(dw, np.nan), np.full_like(dh_t, np.nan)
+            spmm.readout_forward_t(a_t, M, w, bias, True, y1, part)
+            spmm.readout_backward_t(dy_t, a_t, M, w, scale, dh1, dw1, True, np.full_like(dbias, np.nan))
+        finally:
+            numba.set_num_threads(threads)
+        for got, ref_ in ((y1, y), (dw1, dw), (dh1, dh_t)):
+            np.testing.assert_array_equal(got, ref_, err_msg=f"one thread: {where}")
+    with pytest.raises(ValueError, match="n_out <= READOUT_MAX"):
+        big = spmm.READOUT_MAX + 1
+        spmm.readout_forward_t(a_t, M, np.zeros((big, n_in), dtype), np.zeros(big, dtype), True,
+                               np.empty((M, big), dtype), np.empty((spmm.readout_chunks(n_in), big, Mp), dtype))
+    with pytest.raises(ValueError, match="shapes"):
+        spmm.readout_backward_t(dy_t, a_t, M, w, scale, dh_t[:-1], dw, True, dbias)
+
+
 def test_exact_kernels_keep_their_flags_when_a_fast_math_function_compiles_them_first():
     """numba compiles a kernel that leaves ``fastmath`` unset with the flags of the jitted function
     whose compilation first reaches it, and keeps that variant for the signature. The element

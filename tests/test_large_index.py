@@ -186,12 +186,16 @@ def _numba_signatures():
                            arr(i64, 1), types.float64)),
         (spmm.transpose_act_grad, (arr(f32, 2), arr(f32, 2), types.float64, arr(f32, 2), arr(f32, 1))),
         (spmm.act_grad_tm, (arr(f32, 2), arr(f32, 2), i64, types.float64, arr(f32, 1))),
+        (spmm.readout_forward_t, (arr(f32, 2), i64, arr(f32, 2), arr(f32, 1), boolean, arr(f32, 2), arr(f32, 3))),
+        (spmm.readout_backward_t, (arr(f32, 2), arr(f32, 2), i64, arr(f32, 2), types.float64, arr(f32, 2),
+                                   arr(f32, 2), boolean, arr(f32, 1))),
     ]
 
 
-@pytest.mark.parametrize("case", range(12), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
+@pytest.mark.parametrize("case", range(14), ids=["to_blocks", "to_blocks_t", "forward_core", "grad_weight_core", "adam",
                                                  "transpose", "spmm_t", "sddmm_t", "backward_t", "spmm_long",
-                                                 "transpose_act_grad", "act_grad_tm"])
+                                                 "transpose_act_grad", "act_grad_tm", "readout_forward_t",
+                                                 "readout_backward_t"])
 def test_numba_kernels_compute_offsets_in_64_bit(case):
     fn, sig = _numba_signatures()[case]
     narrow = _narrow_integer_values(fn.py_func, sig)

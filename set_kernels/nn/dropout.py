@@ -22,8 +22,13 @@ order, the same masks and values, bit for bit), and its backward takes the epilo
 the transpose of ``dy`` it makes anyway, summing the bias gradient there too. That removes one
 kernel and one pass over the activation per layer and pass (a width-1,000 SET-MLP step had
 ~350 us of its ~2.4 ms in the three ReLU + dropout modules), and the whole run is one autograd
-node (the per-node work and the op's checks cost about 60 us per layer and pass). Anything else
-runs module by module, as ``nn.Sequential`` does.
+node (the per-node work and the op's checks cost about 60 us per layer and pass). A plain
+``nn.Linear`` of at most 16 outputs right after such a run (the SET-MLP's readout) joins it: its
+kernels read the last layer's token-major output and write the gradient of that layer's epilogue
+token-major, with its own weight gradient, in one pass (at width 4,000 the readout's three GEMMs
+and the transpose of its input gradient were ~400 us of a ~4 ms step). Its sums run in their own
+order, so the outputs and gradients are then close to the modules', not the same bits. Anything
+else runs module by module, as ``nn.Sequential`` does.
 
 None of these is part of the public API: ``set-kernels train`` uses them for every model it
 builds (dense ones too).
@@ -125,12 +130,15 @@ class ReLUDropout(Dropout):
 
 class _SparseReLUDropoutChain(torch.autograd.Function):
     """``k >= 1`` consecutive layers ``h = ReLUDropout(p_i)(SparseLinear(block_size=1)_i(h))``
-    through the numba element kernels, as one autograd node.
+    through the numba element kernels, optionally followed by a small dense readout
+    ``nn.Linear``, as one autograd node.
 
-    ``forward(x, layers, *params)``: ``x (M, cols_0)``; ``layers`` a tuple of ``(index, rows,
-    cols, key)`` per layer (``key`` from :func:`_draw_key`, drawn in layer order, as the modules
-    draw them); ``params`` ``(values_0, bias_0, values_1, bias_1, ...)`` with ``values_i (nnz_i,
-    1, 1)`` and ``bias_i (rows_i,)`` or None. Returns the last layer's output ``(M, rows_k)``.
+    ``forward(x, layers, readout, *params)``: ``x (M, cols_0)``; ``layers`` a tuple of ``(index,
+    rows, cols, key)`` per layer (``key`` from :func:`_draw_key`, drawn in layer order, as the
+    modules draw them); ``readout`` whether ``params`` ends with a readout's ``(weight (n_out,
+    rows_k), bias (n_out,) or None)``; ``params`` ``(values_0, bias_0, values_1, bias_1, ...)``
+    with ``values_i (nnz_i, 1, 1)`` and ``bias_i (rows_i,)`` or None. Returns the last layer's
+    output ``(M, rows_k)``, or the readout's ``(M, n_out)``.
     One node for the run instead of one per layer: a width-1,000 SET-MLP step spent about
     60 us per layer and pass in autograd's per-node work and the op's own checks.
 
@@ -139,54 +147,77 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
     each layer's input is transposed once, for the forward, the backward and the next layer,
     and each layer's ``dx`` is written token-major for the epilogue gradient and the kernels of
     the layer below, so that a run of ``k`` layers makes two transposes per step instead of
-    ``4k``. Otherwise the layers run one after the other through
+    ``4k``; a readout then reads the last layer's token-major output and writes its input
+    gradient token-major too (:func:`set_kernels.backends.numba.spmm.readout_forward_t`, which
+    sums in its own order, not ``F.linear``'s: the outputs and every gradient are then close to
+    the modules', not the same bits). Otherwise the layers run one after the other through
     :func:`set_kernels.backends.numba.linear_forward` and
-    :func:`set_kernels.backends.numba.linear_backward_relu_dropout`. Either way the outputs,
-    ``dx`` and ``dW`` are the same bits. A double backward (``create_graph``) replays the forward
-    as single-layer nodes (the same keys, so the same masks and values) and differentiates that
-    with the differentiable ops, so that every layer's input stays connected to the graph.
+    :func:`set_kernels.backends.numba.linear_backward_relu_dropout`, and a readout through
+    ``F.linear``; the outputs, ``dx`` and ``dW`` are then the same bits as the modules'. A double
+    backward (``create_graph``) replays the forward as single-layer nodes (the same keys, so the
+    same masks and values) and ``F.linear``, and differentiates that with the differentiable
+    ops, so that every layer's input stays connected to the graph.
     """
 
     @staticmethod
-    def forward(ctx, x, layers, *params):
+    def forward(ctx, x, layers, readout, *params):
         numba_backend = backends.get("numba")
-        values = params[0::2]
+        k = len(layers)
+        values = params[0:2 * k:2]
+        head = tuple(params[2 * k:]) if readout else None
         if numba_backend.relu_dropout_chain_ok(x.shape[0], values):  # activations kept token-major
             parts = [_library.checked_numpy(index, rows, cols, 1) for index, rows, cols, _ in layers]
             y, ctx.inputs_t = numba_backend.relu_dropout_chain_forward(
                 x, [(v, b, p[0], p[1], rows, cols, key) for (_, rows, cols, key), v, b, p in
-                    zip(layers, values, params[1::2], parts)])
+                    zip(layers, values, params[1:2 * k:2], parts)], head)
             outs = (y,)
         else:  # no tokens, a layer without live entries, or many tokens: layer by layer
             parts = [_library.check_index(index, rows, cols, 1) for index, rows, cols, _ in layers]
             h, outs, ctx.inputs_t = x, [], None
-            for (_, rows, cols, key), v, b, p in zip(layers, values, params[1::2], parts):
+            for (_, rows, cols, key), v, b, p in zip(layers, values, params[1:2 * k:2], parts):
                 h = numba_backend.linear_forward(h, v, p[0], p[1], b, rows, cols, 1, relu_dropout=key)
                 outs.append(h)
+            if readout:
+                outs.append(F.linear(h, *head))
         ctx.save_for_backward(x, *params, *(layer[0] for layer in layers), *outs)
-        ctx.meta = tuple((rows, cols, key) for _, rows, cols, key in layers), len(layers)
+        ctx.meta = tuple((rows, cols, key) for _, rows, cols, key in layers), k, readout
         return outs[-1]
 
     @staticmethod
     def backward(ctx, dy):
-        meta, k = ctx.meta
+        meta, k, readout = ctx.meta
         saved = ctx.saved_tensors
-        x, params, indices, outs = saved[0], saved[1:1 + 2 * k], saved[1 + 2 * k:1 + 3 * k], saved[1 + 3 * k:]
+        n_params = 2 * k + (2 if readout else 0)
+        x, params = saved[0], saved[1:1 + n_params]
+        indices, outs = saved[1 + n_params:1 + n_params + k], saved[1 + n_params + k:]
         needs = ctx.needs_input_grad
+        need_p = needs[3:]  # per entry of params
         dy = dy.contiguous()
         if torch.is_grad_enabled():  # create_graph: differentiable in everything
-            dx, *grads = _chain_double_backward(x, params, indices, outs[-1], meta, dy, needs)
-            return (dx, None, *grads)
+            dx, *grads = _chain_double_backward(x, params, indices, outs[-1], meta, readout, dy, needs[0], need_p)
+            return (dx, None, None, *grads)
         numba_backend = backends.get("numba")
-        need_dv = [needs[2 + 2 * i] for i in range(k)]
-        need_db = [needs[3 + 2 * i] and params[2 * i + 1] is not None for i in range(k)]
+        need_dv = [need_p[2 * i] for i in range(k)]
+        need_db = [need_p[2 * i + 1] and params[2 * i + 1] is not None for i in range(k)]
+        head = []  # the readout's (dweight, dbias)
+        if readout:
+            w, rb = params[2 * k:]
+            need_rw, need_rb = need_p[2 * k], need_p[2 * k + 1] and rb is not None
+            head = [None, dy.sum(0) if need_rb else None]
         if ctx.inputs_t is not None:
             parts = [_library.checked_numpy(index, rows, cols, 1) for index, (rows, cols, _) in zip(indices, meta)]
-            dx, dvs, dbs = numba_backend.relu_dropout_chain_backward(
+            dx, dvs, dbs, dw = numba_backend.relu_dropout_chain_backward(
                 dy, outs[-1], ctx.inputs_t,
                 [(params[2 * i], p[3], p[4], p[5], p[2], p[1], rows, cols, key[3])
-                 for i, (p, (rows, cols, key)) in enumerate(zip(parts, meta))], needs[0], need_dv, need_db)
-            return (dx, None, *(g for pair in zip(dvs, dbs) for g in pair))
+                 for i, (p, (rows, cols, key)) in enumerate(zip(parts, meta))], needs[0], need_dv, need_db,
+                (w, need_rw) if readout else None)
+            if readout:
+                head[0] = dw
+            return (dx, None, None, *(g for pair in zip(dvs, dbs) for g in pair), *head)
+        if readout:  # the readout's gradients as nn.Linear's backward takes them
+            h = outs[-2]
+            head[0] = h.t().mm(dy).t() if need_rw else None
+            dy = dy.mm(w)
         parts = [_library.check_index(index, rows, cols, 1) for index, (rows, cols, _) in zip(indices, meta)]
         grads = [None] * (2 * k)
         for i in reversed(range(k)):
@@ -198,27 +229,30 @@ class _SparseReLUDropoutChain(torch.autograd.Function):
                 dy, outs[i], key[3], x if i == 0 else outs[i - 1], params[2 * i], p[3], p[4], p[5], p[2], p[1],
                 rows, cols, need_dx, need_dv[i])
             grads[2 * i + 1] = db if need_db[i] else None
-        return (dy if needs[0] else None, None, *grads)
+        return (dy if needs[0] else None, None, None, *grads, *head)
 
 
-def _chain_double_backward(x, params, indices, y, meta, dy, needs) -> tuple:
+def _chain_double_backward(x, params, indices, y, meta, readout, dy, need_x, need_p) -> tuple:
     """The gradients of :class:`_SparseReLUDropoutChain` as differentiable functions of ``dy``,
-    ``x`` and the parameters: ``(dx, dvalues_0, dbias_0, ...)`` (None where not needed); ``y``
-    the last layer's output."""
+    ``x`` and the parameters: ``(dx, dparams...)`` (None where not needed); ``y`` the node's
+    output."""
     k = len(meta)
-    if k == 1:  # the epilogue's gradient, then the differentiable ops
+    if k == 1 and not readout:  # the epilogue's gradient, then the differentiable ops
         (rows, cols, key), (values, bias) = meta[0], params
         g = dy * ((y > 0).to(dy.dtype) * key[3])
         with backends.use("numba"):
-            dx = _library.linear_grad_input(g, values, indices[0], rows, cols, 1) if needs[0] else None
-            dv = _library.linear_grad_weight(g, x, indices[0], rows, cols, 1) if needs[2] else None
-        return dx, dv, (g.sum(0) if needs[3] and bias is not None else None)
+            dx = _library.linear_grad_input(g, values, indices[0], rows, cols, 1) if need_x else None
+            dv = _library.linear_grad_weight(g, x, indices[0], rows, cols, 1) if need_p[0] else None
+        return dx, dv, (g.sum(0) if need_p[1] and bias is not None else None)
     with torch.enable_grad():  # one node per layer: each layer's input is then in the graph
         h = x
         for i in range(k):
             rows, cols, key = meta[i]
-            h = _SparseReLUDropoutChain.apply(h, ((indices[i], rows, cols, key),), params[2 * i], params[2 * i + 1])
-    wanted = [need and t is not None for t, need in zip((x,) + tuple(params), (needs[0],) + tuple(needs[2:]))]
+            h = _SparseReLUDropoutChain.apply(h, ((indices[i], rows, cols, key),), False, params[2 * i],
+                                              params[2 * i + 1])
+        if readout:
+            h = F.linear(h, *params[2 * k:])
+    wanted = [need and t is not None for t, need in zip((x,) + tuple(params), (need_x,) + tuple(need_p))]
     inputs = [t for t, w in zip((x,) + tuple(params), wanted) if w]
     got = iter(torch.autograd.grad(h, inputs, dy, create_graph=True, allow_unused=True))
     return tuple(next(got) if w else None for w in wanted)
@@ -251,8 +285,7 @@ def _fusable(linear, act, dtype, width: int, backends_seen: dict):
     if (values.dtype != dtype or values.device.type != "cpu"
             or (bias is not None and (bias.dtype != dtype or bias.shape != (linear.out_features,)))):
         return None
-    if (linear._forward_hooks or linear._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks):
+    if _hooked(linear, act):
         return None  # hooks see each module's call
     if type(values) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return None  # (no tracing or dispatch mode: checked once for the input, _fusable_input)
@@ -270,6 +303,33 @@ def _fusable(linear, act, dtype, width: int, backends_seen: dict):
         return None
     layout = linear.layout
     return layout if values.shape[0] == layout.nnz_blocks else None
+
+
+def _hooked(*modules) -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def _fusable_readout(linear, dtype, width: int) -> bool:
+    """Whether ``linear`` may end a :class:`_SparseReLUDropoutChain` whose last layer gives
+    ``width`` features of ``dtype``: a plain ``nn.Linear`` with at most
+    ``spmm.READOUT_MAX`` outputs, of that dtype on the CPU, contiguous, without hooks."""
+    if type(linear) is not torch.nn.Linear or linear.in_features != width or linear.out_features > _READOUT_MAX:
+        return False
+    params = linear._parameters
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None or type(weight) not in _PLAIN or weight.dtype != dtype or weight.device.type != "cpu":
+        return False
+    if weight.shape != (linear.out_features, width) or not weight.is_contiguous():
+        return False
+    if bias is not None and (type(bias) not in _PLAIN or bias.dtype != dtype or bias.shape != (linear.out_features,)
+                             or bias.device.type != "cpu"):
+        return False
+    return not _hooked(linear)
+
+
+# spmm.READOUT_MAX, without loading the kernels (checked against it by the tests)
+_READOUT_MAX = 16
 
 
 class FusedSequential(torch.nn.Sequential):
@@ -293,7 +353,12 @@ class FusedSequential(torch.nn.Sequential):
                     width = m.out_features
                     i += 2
             if layers:
-                x = _SparseReLUDropoutChain.apply(x.contiguous(), tuple(layers), *params)
+                readout = i < n and _fusable_readout(mods[i], x.dtype, width)
+                if readout:
+                    head = mods[i]._parameters
+                    params += [head["weight"], head.get("bias")]
+                    i += 1
+                x = _SparseReLUDropoutChain.apply(x.contiguous(), tuple(layers), readout, *params)
             else:
                 x = mods[i](x)
                 i += 1

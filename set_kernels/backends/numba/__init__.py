@@ -438,21 +438,24 @@ def relu_dropout_chain_ok(M: int, values) -> bool:
     return 0 < M < _load()[3].LONG_RUN_MIN and all(v.shape[0] > 0 for v in values)
 
 
-def relu_dropout_chain_forward(x, layers):
+def relu_dropout_chain_forward(x, layers, readout=None):
     """``k >= 1`` element layers ``h = ReLUDropout(h @ W_i.T + b_i)``, the activations between
-    them kept token-major.
+    them kept token-major, and optionally a dense readout ``y = h @ w.T (+ b)`` after them.
 
     ``x (M, cols_0)`` contiguous, with :func:`relu_dropout_chain_ok`; ``layers``: per layer
     ``(values (nnz_i, 1, 1), bias (rows_i,) or None, row_ptr, col_idx, rows_i, cols_i, key_i)``
     with ``cols_{i+1} == rows_i``, ``key_i`` the epilogue key of :func:`linear_forward`, and the
     index parts int32 numpy arrays of a checked index
-    (:func:`set_kernels.ops._library.checked_numpy`).
+    (:func:`set_kernels.ops._library.checked_numpy`); ``readout``: None, or ``(w (n_out,
+    rows_last) contiguous, bias (n_out,) or None)`` with ``n_out <= spmm.READOUT_MAX``.
     Returns ``(y, inputs_t)``: ``y (M, rows_last)``, what :func:`linear_forward` with
-    ``relu_dropout`` gives layer after layer, bit for bit (the same kernel and sums), and each
-    layer's input token-major, numpy ``(cols_i, Mp)`` (64-byte aligned, padding tokens zero):
-    ``inputs_t[0]`` is ``x`` transposed, ``inputs_t[i]`` layer ``i - 1``'s output as the kernel
-    wrote it. A layer's input is then never transposed again: not by the next layer's forward,
-    not by the backward (:func:`relu_dropout_chain_backward`).
+    ``relu_dropout`` gives layer after layer, bit for bit (the same kernel and sums), or with a
+    readout ``y (M, n_out)`` (:func:`.spmm.readout_forward_t`: its own order of summation, not
+    ``F.linear``'s); and each layer's input token-major, numpy ``(cols_i, Mp)`` (64-byte aligned,
+    padding tokens zero): ``inputs_t[0]`` is ``x`` transposed, ``inputs_t[i]`` layer ``i - 1``'s
+    output as the kernel wrote it (with a readout, ``inputs_t[k]`` is the last layer's output,
+    the readout's input). A layer's input is then never transposed again: not by the next
+    layer's forward, not by the backward (:func:`relu_dropout_chain_backward`).
     """
     spmm = _load()[3]
     xn = _np(x.contiguous())
@@ -462,7 +465,7 @@ def relu_dropout_chain_forward(x, layers):
     spmm.transpose(xn, a_t)
     inputs_t = [a_t]
     for i, (values, bias, row_ptr, col_idx, rows, cols, key) in enumerate(layers):
-        last = i == len(layers) - 1
+        last = i == len(layers) - 1 and readout is None
         out = torch.empty((M, rows) if last else (rows, Mp), dtype=x.dtype)
         vn = _np(values).reshape(-1)
         bn, has_bias = (vn[:0], False) if bias is None else (_np(bias), True)
@@ -471,31 +474,52 @@ def relu_dropout_chain_forward(x, layers):
                      *_epilogue(key), not last)
         if not last:
             inputs_t.append(on)
+    if readout is not None:
+        w, bias = readout
+        wn = _np(w)
+        out = torch.empty(M, wn.shape[0], dtype=x.dtype)
+        (part,) = _scratch(wn.dtype, (spmm.readout_chunks(wn.shape[1]), wn.shape[0], Mp))
+        bn, has_bias = (wn[0, :0], False) if bias is None else (_np(bias), True)
+        spmm.readout_forward_t(inputs_t[-1], M, wn, bn, has_bias, out.numpy(), part)
     return out, tuple(inputs_t)
 
 
-def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv, need_db):
-    """The gradients of :func:`relu_dropout_chain_forward` from ``dy (M, rows_last)``, the
-    gradient of its output ``y``: ``(dx (M, cols_0) or None, [dv_i (nnz_i, 1, 1) or None],
-    [dbias_i (rows_i,) or None])``.
+def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv, need_db, readout=None):
+    """The gradients of :func:`relu_dropout_chain_forward` from ``dy``, the gradient of its
+    output ``y``: ``(dx (M, cols_0) or None, [dv_i (nnz_i, 1, 1) or None], [dbias_i (rows_i,) or
+    None], dw)``, ``dw (n_out, rows_last)`` the readout's weight gradient (None without a readout
+    or when ``readout[1]`` is false).
 
     ``layers``: per layer ``(values, col_ptr, row_idx, perm, block_row, col_idx, rows_i, cols_i,
     scale_i)``, the index parts as in :func:`relu_dropout_chain_forward`; ``need_dv``,
-    ``need_db``: per layer. Last layer first: its epilogue's gradient is taken in the transpose
-    of ``dy`` (:func:`.spmm.transpose_act_grad`); each layer's ``dx`` and ``dW`` come from one
-    pass (:func:`.spmm.grads_t`), ``dx`` token-major for every layer but the first, so that the
-    epilogue gradient of the layer below is taken in place on it (:func:`.spmm.act_grad_tm`),
-    with no transpose. The same values as :func:`linear_backward_relu_dropout` layer by layer,
-    bit for bit, apart from the bias gradients' order of summation.
+    ``need_db``: per layer; ``readout``: None, or ``(w, need_dw)`` (the readout's bias gradient,
+    ``dy.sum(0)``, is the caller's). Last layer first: its epilogue's gradient is taken in the
+    transpose of ``dy`` (:func:`.spmm.transpose_act_grad`), or, with a readout, written
+    token-major with the readout's gradients (:func:`.spmm.readout_backward_t`); each layer's
+    ``dx`` and ``dW`` come from one pass (:func:`.spmm.grads_t`), ``dx`` token-major for every
+    layer but the first, so that the epilogue gradient of the layer below is taken in place on it
+    (:func:`.spmm.act_grad_tm`), with no transpose. Without a readout, the same values as
+    :func:`linear_backward_relu_dropout` layer by layer, bit for bit, apart from the bias
+    gradients' order of summation.
     """
     spmm = _load()[3]
     dyn = _np(dy.contiguous())
     M, k = dyn.shape[0], len(layers)
     Mp = inputs_t[0].shape[1]
     rows_last = layers[-1][6]
-    (g_t,) = _scratch(dyn.dtype, (rows_last, Mp))
     db = torch.empty(rows_last, dtype=dy.dtype)
-    spmm.transpose_act_grad(dyn, _np(y.contiguous()), float(layers[-1][8]), g_t, db.numpy())
+    dw = None
+    if readout is None:
+        (g_t,) = _scratch(dyn.dtype, (rows_last, Mp))
+        spmm.transpose_act_grad(dyn, _np(y.contiguous()), float(layers[-1][8]), g_t, db.numpy())
+    else:
+        w, need_dw = readout
+        wn = _np(w)
+        dy_t, g_t = _scratch(dyn.dtype, (wn.shape[0], Mp), (rows_last, Mp))
+        spmm.transpose(dyn, dy_t)
+        dw = torch.empty(wn.shape, dtype=dy.dtype) if need_dw else None
+        spmm.readout_backward_t(dy_t, inputs_t[k], M, wn, float(layers[-1][8]), g_t,
+                                wn if dw is None else dw.numpy(), bool(need_dw), db.numpy())
     dvs, dbs, dx = [None] * k, [None] * k, None
     for i in reversed(range(k)):
         values, col_ptr, row_idx, perm, block_row, col_idx, rows, cols, scale = layers[i]
@@ -517,7 +541,7 @@ def relu_dropout_chain_backward(dy, y, inputs_t, layers, need_dx: bool, need_dv,
                      vn[:0] if dv is None else dv.numpy().reshape(-1), spmm.ROW_CHUNK, spmm.ENTRY_CHUNK, i > 0)
         dvs[i] = dv
         g_t = dxn
-    return dx, dvs, dbs
+    return dx, dvs, dbs, dw
 
 
 def masked_adam_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float, beta2: float,

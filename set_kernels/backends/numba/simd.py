@@ -533,3 +533,153 @@ def copy_vectors(typingctx, src, s0, dst, d0, n):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ---------------------------------------------------------------------- dense readout of a fused run
+# Most outputs summed in one pass over the operand by outputs_accumulate (``ng * nv``
+# accumulators: at most 24 vectors, with the operand's ``nv`` and the weight's broadcast).
+READOUT_GROUP = 6
+
+
+@intrinsic
+def outputs_accumulate(typingctx, dst, w, o0, ng, aT, f0, f1, t0, nv):
+    """``dst[o0 + j, t0:t0 + nv*VL] = sum_{f0 <= f < f1} w[o0 + j, f] * aT[f, t0:t0 + nv*VL]`` for
+    ``j < ng``: ``ng`` outputs of a dense layer over one range of input features and one token
+    tile, each operand row loaded once for all ``ng`` outputs (``1 <= ng <= READOUT_GROUP``,
+    ``1 <= nv <= NV_MAX``; other values write nothing). The sum of each lane runs over ``f`` in
+    order, one FMA per feature.
+
+    ``dst (n_out, Mp)``, ``w (n_out, n_in)``, ``aT (n_in, Mp)``: C-contiguous, one float dtype,
+    ``aT``'s rows zero-padded to whole vectors."""
+    if not (_floats_match(dst, w, aT) and _c_layout(dst, w, aT) and dst.ndim == w.ndim == aT.ndim == 2):
+        return None
+    sig = types.void(dst, w, o0, ng, aT, f0, f1, t0, nv)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[0].dtype)
+        b = builder
+        o0_, ng_, f0_, f1_, t0_, nv_ = (g.arg(args[i], st[i], types.int64) for i in (2, 3, 5, 6, 7, 8))
+        D, W, A = g.array(st[0], args[0]), g.array(st[1], args[1]), g.array(st[4], args[4])
+        rs_d, rs_w, rs_a = g.row_stride(D), g.row_stride(W), g.row_stride(A)
+
+        def body(m, n):
+            accs = [[cgutils.alloca_once_value(b, g.zero) for _ in range(n)] for _ in range(m)]
+            wrows = [b.gep(W.data, [b.mul(b.add(o0_, ir.Constant(_I64, j)), rs_w)]) for j in range(m)]
+            with cgutils.for_range(b, b.sub(f1_, f0_)) as loop:
+                f = b.add(f0_, loop.index)
+                base = b.gep(A.data, [b.add(b.mul(f, rs_a), t0_)])
+                xs = [g.vload(base, k) for k in range(n)]
+                for j in range(m):
+                    wv = g.splat(b.load(b.gep(wrows[j], [f])))
+                    for k in range(n):
+                        b.store(g.fma(wv, xs[k], b.load(accs[j][k])), accs[j][k])
+            for j in range(m):
+                row = b.gep(D.data, [b.add(b.mul(b.add(o0_, ir.Constant(_I64, j)), rs_d), t0_)])
+                for k in range(n):
+                    g.vstore(b.load(accs[j][k]), row, k)
+
+        g.per_nv(ng_, "outs.ng", lambda m: g.per_nv(nv_, f"outs.ng{m}", lambda n: body(m, n)), top=READOUT_GROUP)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def readout_grads(typingctx, tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, need_dw):
+    """Both gradients of a dense readout ``y = a @ w.T`` (``w (n_out, n_in)``) for the input
+    features ``f0 <= f < f0 + nf`` (``1 <= nf <= VL``), all tokens, from the token-major
+    ``dyT (n_out, Mp)`` (the gradient of ``y``) and ``aT (n_in, Mp)`` (the readout's input, which
+    is the output of a ReLU + dropout epilogue):
+
+    * ``dhT[f, :] = g`` with ``g = (sum_o w[o, f] * dyT[o, :]) * scale`` where ``aT[f, :] > 0``,
+      else 0: the gradient of the epilogue's input, token-major (the ``o`` summed in order), and
+      ``dbias[f] = sum(g)`` (per lane over the vectors, then the lanes);
+    * when ``need_dw``: ``tile[o, i] = sum_t dyT[o, t] * aT[f0 + i, t]`` for every ``o`` and
+      ``i < VL`` (``tile (n_out, VL)``; lanes ``i >= nf`` are zero), the ``t`` in order: each
+      ``VL x VL`` tile of ``aT`` is transposed in registers, so that one FMA serves ``VL``
+      features.
+
+    ``nvt`` vectors of tokens (``Mp / VL``); every array C-contiguous, one float dtype, ``dyT``
+    and ``aT`` zero-padded past the tokens."""
+    if not (_floats_match(tile, dhT, w, dyT, aT, dbias) and _c_layout(tile, dhT, w, dyT, aT, dbias)
+            and tile.ndim == dhT.ndim == w.ndim == dyT.ndim == aT.ndim == 2 and dbias.ndim == 1):
+        return None
+    sig = types.void(tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, need_dw)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args
+        g = _Gen(context, builder, st[0].dtype)
+        b = builder
+        f0_, nf_, nvt_ = (g.arg(args[i], st[i], types.int64) for i in (7, 8, 9))
+        s = g.splat(g.arg(args[5], st[5], st[0].dtype))
+        need_dw_ = g.arg(args[10], st[10], types.boolean)
+        T, DH, W, DY, A, DB = (g.array(st[i], args[i]) for i in (0, 1, 2, 3, 4, 6))
+        rs_t, rs_dh, rs_w, rs_dy, rs_a = (g.row_stride(x) for x in (T, DH, W, DY, A))
+        n_out = cgutils.unpack_tuple(b, W.shape)[0]
+        vl = ir.Constant(_I64, g.VL)
+
+        # the input gradient, token-major, with the epilogue's gradient and the bias sums: two
+        # features at a time, token tiles of up to NV_MAX vectors (independent FMA chains over o)
+        def features(fs):
+            rows = [(b.gep(A.data, [b.mul(f, rs_a)]), b.gep(DH.data, [b.mul(f, rs_dh)])) for f in fs]
+            totals = [cgutils.alloca_once_value(b, g.zero) for _ in fs]
+            for tot in totals:
+                b.store(g.zero, tot)
+            n_tiles = b.sdiv(b.add(nvt_, ir.Constant(_I64, NV_MAX - 1)), ir.Constant(_I64, NV_MAX))
+            with cgutils.for_range(b, n_tiles) as kl:
+                k0 = b.mul(kl.index, ir.Constant(_I64, NV_MAX))
+                t0 = b.mul(k0, vl)
+                left = b.sub(nvt_, k0)
+                n_here = b.select(b.icmp_signed("<", left, ir.Constant(_I64, NV_MAX)), left,
+                                  ir.Constant(_I64, NV_MAX))
+
+                def body(n):
+                    accs = [[cgutils.alloca_once_value(b, g.zero) for _ in range(n)] for _ in fs]
+                    for row in accs:
+                        for a in row:
+                            b.store(g.zero, a)
+                    with cgutils.for_range(b, n_out) as ol:
+                        dyrow = b.gep(DY.data, [b.add(b.mul(ol.index, rs_dy), t0)])
+                        dys = [g.vload(dyrow, k) for k in range(n)]
+                        wrow = b.gep(W.data, [b.mul(ol.index, rs_w)])
+                        for f, row in zip(fs, accs):
+                            wv = g.splat(b.load(b.gep(wrow, [f])))
+                            for k in range(n):
+                                b.store(g.fma(wv, dys[k], b.load(row[k])), row[k])
+                    for (arow, drow), row, tot in zip(rows, accs, totals):
+                        for k in range(n):
+                            keep = b.fcmp_ordered(">", g.vload(b.gep(arow, [t0]), k), g.zero)
+                            gv = b.select(keep, b.fmul(b.load(row[k]), s), g.zero)
+                            g.vstore(gv, b.gep(drow, [t0]), k)
+                            b.store(b.fadd(b.load(tot), gv), tot)
+
+                g.per_nv(n_here, "dh", body)
+            for f, tot in zip(fs, totals):
+                b.store(g.hsum(b.load(tot)), b.gep(DB.data, [f]))
+
+        two = ir.Constant(_I64, 2)
+        pairs = b.sdiv(nf_, two)
+        with cgutils.for_range(b, pairs) as pl:
+            f = b.add(f0_, b.mul(pl.index, two))
+            features([f, b.add(f, ir.Constant(_I64, 1))])
+        with b.if_then(b.icmp_signed("!=", b.mul(pairs, two), nf_)):
+            features([b.add(f0_, b.sub(nf_, ir.Constant(_I64, 1)))])
+
+        # the weight gradient: per token tile, VL features' values of each token as one vector
+        with b.if_then(need_dw_):
+            with cgutils.for_range(b, n_out) as ol:
+                g.vstore(g.zero, b.gep(T.data, [b.mul(ol.index, rs_t)]), 0)
+            with cgutils.for_range(b, nvt_) as kl:
+                t0 = b.mul(kl.index, vl)
+                cols = _transpose_vectors(g, _tile_rows(g, A, f0_, t0, nf_))
+                with cgutils.for_range(b, n_out) as ol:
+                    slot = b.gep(T.data, [b.mul(ol.index, rs_t)])
+                    dyrow = b.gep(DY.data, [b.add(b.mul(ol.index, rs_dy), t0)])
+                    acc = g.vload(slot, 0)
+                    for i in range(g.VL):
+                        acc = g.fma(g.splat(b.load(b.gep(dyrow, [ir.Constant(_I64, i)]))), cols[i], acc)
+                    g.vstore(acc, slot, 0)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -60,8 +60,8 @@ import numpy as np
 from numba import njit, prange
 
 from .dropout import keep_element
-from .simd import NV_MAX, VEC_BYTES, column_grads, copy_vectors, dot_entries, lanes, row_accumulate, \
-    transpose_act_tile, transpose_tile
+from .simd import NV_MAX, READOUT_GROUP, VEC_BYTES, column_grads, copy_vectors, dot_entries, lanes, \
+    outputs_accumulate, readout_grads, row_accumulate, transpose_act_tile, transpose_tile
 
 _FLAGS = dict(parallel=True, fastmath=True, cache=True)
 _SERIAL = dict(fastmath=True, cache=True)
@@ -506,3 +506,94 @@ def linear_grad_weight(dy, x, row, col, out, dyT, xT, EC):
     transpose(dy, dyT)
     transpose(x, xT)
     _sddmm_t(dyT, xT, dy.shape[0], row, col, out, EC)
+
+
+# ---------------------------------------------------------------------- dense readout of a fused run
+# Most outputs of a dense readout that a fused run takes in (:func:`readout_forward_t`).
+READOUT_MAX = 16
+# Input features per work item of the readout's forward (each item sums them into its own
+# partial output; the partials are added in order, so the sums do not depend on the threads).
+READOUT_CHUNK = 512
+
+
+def readout_chunks(n_in: int) -> int:
+    """Partial outputs of :func:`readout_forward_t` for ``n_in`` input features."""
+    return max(1, -(-n_in // READOUT_CHUNK))
+
+
+@njit(**_EXACT)
+def readout_forward_t(aT, M, w, bias, has_bias, out, part):
+    """``out (M, n_out) = (w @ aT[:, :M]).T (+ bias)``: a dense layer ``w (n_out, n_in)`` on the
+    token-major ``aT (n_in, Mp)`` (the output of a fused run's last layer, rows zero-padded to
+    whole vectors), ``n_out <= READOUT_MAX``.
+
+    Work items are ``READOUT_CHUNK`` input features x one group of up to ``READOUT_GROUP``
+    outputs x one token tile (:func:`.simd.outputs_accumulate`: each operand row is loaded once
+    per group); each chunk's sums go to ``part (readout_chunks(n_in), n_out, Mp)``, and
+    ``out[t, o] = bias[o] + part[0, o, t] + part[1, o, t] + ...`` in chunk order, so the result
+    does not depend on the number of threads."""
+    n_out, n_in = w.shape
+    VL = lanes(aT.itemsize)
+    TM = NV_MAX * VL
+    if aT.shape[0] != n_in or aT.shape[1] % VL != 0 or aT.shape[1] < M or n_out > READOUT_MAX:
+        raise ValueError("readout_forward_t: aT must be (n_in, Mp), rows padded to whole vectors; n_out <= READOUT_MAX")
+    n_chunks = (n_in + READOUT_CHUNK - 1) // READOUT_CHUNK
+    if part.shape[0] < n_chunks or part.shape[1] < n_out or part.shape[2] != aT.shape[1]:
+        raise ValueError("readout_forward_t: part must be (readout_chunks(n_in), n_out, Mp)")
+    n_tiles = (M + TM - 1) // TM
+    n_groups = (n_out + READOUT_GROUP - 1) // READOUT_GROUP
+    gs = (n_out + n_groups - 1) // max(n_groups, 1)
+    per_chunk = n_groups * n_tiles
+    for it in prange(n_chunks * per_chunk):
+        c = it // per_chunk
+        grp = (it - c * per_chunk) // n_tiles
+        t0 = np.int64(it - c * per_chunk - grp * n_tiles) * TM
+        o0 = grp * gs
+        f0 = np.int64(c) * READOUT_CHUNK
+        outputs_accumulate(part[c], w, o0, min(gs, n_out - o0), aT, f0, min(n_in, f0 + READOUT_CHUNK), t0,
+                           (min(TM, M - t0) + VL - 1) // VL)
+    zero = w.dtype.type(0)
+    for t in range(M):
+        for o in range(n_out):
+            s = bias[o] if has_bias else zero
+            for c in range(n_chunks):
+                s += part[c, o, t]
+            out[t, o] = s
+
+
+@njit(**_EXACT)
+def readout_backward_t(dyT, aT, M, w, scale, dhT, dw, need_dw, dbias):
+    """The gradients of :func:`readout_forward_t` when its input ``aT`` is the output of a ReLU +
+    dropout epilogue with ``scale``: from ``dyT (n_out, Mp)``, the transposed gradient of ``out``
+    (padding tokens zero),
+
+    * ``dhT (n_in, Mp)``: the gradient of the epilogue's input, token-major (``(dy @ w) * scale``
+      where ``aT > 0``, else 0; padding tokens zero), and ``dbias (n_in,)`` its sum over tokens
+      (the bias gradient of the layer below);
+    * ``dw (n_out, n_in) = dy.T @ a`` when ``need_dw``.
+
+    Work items are ``_TILE_GROUP`` blocks of ``VL`` input features (:func:`.simd.readout_grads`),
+    so every value is written by one thread; the sums do not depend on the number of threads."""
+    n_out, n_in = w.shape
+    VL = lanes(aT.itemsize)
+    Mp = aT.shape[1]
+    if (aT.shape[0] != n_in or Mp % VL != 0 or Mp < M or dyT.shape[0] != n_out or dyT.shape[1] != Mp
+            or dhT.shape[0] != n_in or dhT.shape[1] != Mp or dbias.shape[0] != n_in
+            or (need_dw and (dw.shape[0] != n_out or dw.shape[1] != n_in))):
+        raise ValueError("readout_backward_t: the operands' shapes do not match")
+    n_blocks = (n_in + VL - 1) // VL
+    n_items = (n_blocks + _TILE_GROUP - 1) // _TILE_GROUP
+    nvt = Mp // VL
+    for it in prange(n_items):
+        tile = np.empty((n_out, VL), dtype=w.dtype)
+        for blk in range(it * _TILE_GROUP, min(n_blocks, (it + 1) * _TILE_GROUP)):
+            f0 = np.int64(blk) * VL
+            nf = min(VL, n_in - f0)
+            readout_grads(tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, need_dw)
+            if need_dw:
+                for o in range(n_out):
+                    if nf == VL:
+                        copy_vectors(tile[o], 0, dw[o], f0, 1)
+                    else:
+                        for i in range(nf):
+                            dw[o, f0 + i] = tile[o, i]
