@@ -333,8 +333,9 @@ _READOUT_MAX = 16
 
 
 class FusedSequential(torch.nn.Sequential):
-    """``nn.Sequential`` that fuses ``SparseLinear(block_size=1)`` + ``ReLUDropout`` pairs in
-    training (see the module docstring); otherwise the same modules, state and outputs."""
+    """``nn.Sequential`` that fuses ``SparseLinear(block_size=1)`` + ``ReLUDropout`` pairs, and a
+    small ``nn.Linear`` readout right after them, in training (see the module docstring);
+    otherwise the same modules, state and outputs."""
 
     def forward(self, x):
         mods = list(self._modules.values())
