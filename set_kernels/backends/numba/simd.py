@@ -450,8 +450,12 @@ def _store_columns(g, dst, d0, t0, cols, nd=None):
                 g.vstore(b.load(b.gep(buf, [ir.Constant(_I64, 0), loop.index])), row(loop.index), 0)
 
 
-def _c_layout(*arrays) -> bool:
-    return all(a.layout == "C" for a in arrays)
+def _c_arrays(matrices, vectors=()) -> bool:
+    """Whether the argument types are C-contiguous arrays of one float dtype: 2-D ``matrices``
+    and 1-D ``vectors`` (what the tile intrinsics index directly)."""
+    arrays = (*matrices, *vectors)
+    return (_floats_match(*arrays) and all(a.layout == "C" for a in arrays)
+            and all(a.ndim == 2 for a in matrices) and all(a.ndim == 1 for a in vectors))
 
 
 @intrinsic
@@ -463,7 +467,7 @@ def transpose_tile(typingctx, src, r0, c0, nr, dst, d0, t0, nd):
     ``src`` and ``dst`` C-contiguous 2-D arrays of one float dtype; ``src`` has rows up to
     ``r0 + nr - 1`` and columns ``c0:c0 + VL``, ``dst`` rows up to ``d0 + nd - 1`` and columns
     ``t0:t0 + VL`` (nothing is checked here)."""
-    if not (_floats_match(src, dst) and _c_layout(src, dst) and src.ndim == dst.ndim == 2):
+    if not _c_arrays((src, dst)):
         return None
     sig = types.void(src, r0, c0, nr, dst, d0, t0, nd)
 
@@ -486,8 +490,7 @@ def transpose_act_tile(typingctx, dy, y, r0, c0, nr, scale, dst, d0, t0, dbias, 
     in order (the rows ``i >= nr`` add zeros, which change no sum that starts at +0).
 
     ``dy``, ``y`` ``(M, n)`` and ``dst`` C-contiguous 2-D, ``dbias`` 1-D, one float dtype."""
-    if not (_floats_match(dy, y, dst, dbias) and _c_layout(dy, y, dst, dbias) and dy.ndim == y.ndim == dst.ndim == 2
-            and dbias.ndim == 1):
+    if not _c_arrays((dy, y, dst), (dbias,)):
         return None
     sig = types.void(dy, y, r0, c0, nr, scale, dst, d0, t0, dbias, first)
 
@@ -551,7 +554,7 @@ def outputs_accumulate(typingctx, dst, w, o0, ng, aT, f0, f1, t0, nv):
 
     ``dst (n_out, Mp)``, ``w (n_out, n_in)``, ``aT (n_in, Mp)``: C-contiguous, one float dtype,
     ``aT``'s rows zero-padded to whole vectors."""
-    if not (_floats_match(dst, w, aT) and _c_layout(dst, w, aT) and dst.ndim == w.ndim == aT.ndim == 2):
+    if not _c_arrays((dst, w, aT)):
         return None
     sig = types.void(dst, w, o0, ng, aT, f0, f1, t0, nv)
 
@@ -602,8 +605,7 @@ def readout_grads(typingctx, tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, n
 
     ``nvt`` vectors of tokens (``Mp / VL``); every array C-contiguous, one float dtype, ``dyT``
     and ``aT`` zero-padded past the tokens."""
-    if not (_floats_match(tile, dhT, w, dyT, aT, dbias) and _c_layout(tile, dhT, w, dyT, aT, dbias)
-            and tile.ndim == dhT.ndim == w.ndim == dyT.ndim == aT.ndim == 2 and dbias.ndim == 1):
+    if not _c_arrays((tile, dhT, w, dyT, aT), (dbias,)):
         return None
     sig = types.void(tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, need_dw)
 
