@@ -312,11 +312,16 @@ def _epoch(model, opt, evo, x_train, y_train, batch: int, order, evaluate) -> di
     # 100,000.)
     losses = torch.empty(steps, dtype=torch.float64, device=x_order.device)
     hits = torch.zeros((), dtype=torch.int64, device=x_order.device)
+    # What opt.zero_grad(set_to_none=True) does, without its per-call wrappers (a decorator that
+    # turns dynamo off and a profiler range): 77 against 8 us a step, 2-7 % of a sparse step at
+    # widths 4,000 and 1,000.
+    params = [p for group in opt.param_groups for p in group["params"]]
     for s in range(steps):
         xb, yb = x_order[s * batch:(s + 1) * batch], y_order[s * batch:(s + 1) * batch]
         logits = model(xb)
         loss = torch.nn.functional.cross_entropy(logits, yb)
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss.backward()
         opt.step()
         losses[s] = loss.detach()
