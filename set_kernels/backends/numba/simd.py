@@ -542,6 +542,9 @@ def copy_vectors(typingctx, src, s0, dst, d0, n):
 # Most outputs summed in one pass over the operand by outputs_accumulate (``ng * nv``
 # accumulators: at most 24 vectors, with the operand's ``nv`` and the weight's broadcast).
 READOUT_GROUP = 6
+# Input features per pass of readout_grads' input gradient (independent FMA chains: their
+# accumulators, up to NV_MAX vectors each, stay in registers).
+_DH_FEATURES = 4
 
 
 @intrinsic
@@ -621,8 +624,8 @@ def readout_grads(typingctx, tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, n
         n_out = cgutils.unpack_tuple(b, W.shape)[0]
         vl = ir.Constant(_I64, g.VL)
 
-        # the input gradient, token-major, with the epilogue's gradient and the bias sums: two
-        # features at a time, token tiles of up to NV_MAX vectors (independent FMA chains over o)
+        # the input gradient, token-major, with the epilogue's gradient and the bias sums:
+        # _DH_FEATURES features at a time, token tiles of up to NV_MAX vectors (independent FMA chains over o)
         def features(fs):
             rows = [(b.gep(A.data, [b.mul(f, rs_a)]), b.gep(DH.data, [b.mul(f, rs_dh)])) for f in fs]
             totals = [cgutils.alloca_once_value(b, g.zero) for _ in fs]
@@ -660,13 +663,13 @@ def readout_grads(typingctx, tile, dhT, w, dyT, aT, scale, dbias, f0, nf, nvt, n
             for f, tot in zip(fs, totals):
                 b.store(g.hsum(b.load(tot)), b.gep(DB.data, [f]))
 
-        two = ir.Constant(_I64, 2)
-        pairs = b.sdiv(nf_, two)
-        with cgutils.for_range(b, pairs) as pl:
-            f = b.add(f0_, b.mul(pl.index, two))
-            features([f, b.add(f, ir.Constant(_I64, 1))])
-        with b.if_then(b.icmp_signed("!=", b.mul(pairs, two), nf_)):
-            features([b.add(f0_, b.sub(nf_, ir.Constant(_I64, 1)))])
+        group = ir.Constant(_I64, _DH_FEATURES)
+        groups = b.sdiv(nf_, group)
+        with cgutils.for_range(b, groups) as gl:
+            f = b.add(f0_, b.mul(gl.index, group))
+            features([b.add(f, ir.Constant(_I64, j)) for j in range(_DH_FEATURES)])
+        with cgutils.for_range(b, b.sub(nf_, b.mul(groups, group))) as rl:
+            features([b.add(f0_, b.add(b.mul(groups, group), rl.index))])
 
         # the weight gradient: per token tile, VL features' values of each token as one vector
         with b.if_then(need_dw_):
