@@ -49,7 +49,19 @@ from .sparse_linear import SparseLinear
 def _draw_key(p: float) -> tuple:
     """``(k0, k1, threshold, scale)`` of one dropout call: one 62-bit draw from torch's default
     generator (so ``torch.manual_seed`` fixes every mask)."""
-    seed = int(torch.randint(0, 2**62, ()))
+    return _key(int(torch.randint(0, 2**62, ())), p)
+
+
+def _draw_keys(ps) -> list:
+    """:func:`_draw_key` for each ``p`` of ``ps`` in turn, from one call of the generator (its
+    draws of a vector are its scalar draws one after the other; the fused run's tests check the
+    masks against the modules')."""
+    if len(ps) == 1:
+        return [_draw_key(ps[0])]
+    return [_key(seed, p) for seed, p in zip(torch.randint(0, 2**62, (len(ps),)).tolist(), ps)]
+
+
+def _key(seed: int, p: float) -> tuple:
     return seed & 0xFFFFFFFF, seed >> 32, int(p * 2**32), 1.0 / (1.0 - p)
 
 
@@ -349,11 +361,12 @@ class FusedSequential(torch.nn.Sequential):
                     layout = _fusable(m, mods[i + 1], x.dtype, width, seen)
                     if layout is None:
                         break
-                    layers.append((layout.index, m.out_features, m.in_features, _draw_key(mods[i + 1].p)))
+                    layers.append((layout.index, m.out_features, m.in_features, mods[i + 1].p))
                     params += [m.values, m.bias]
                     width = m.out_features
                     i += 2
-            if layers:
+            if layers:  # the masks' keys, drawn in layer order, as the modules draw them
+                layers = [(*layer[:3], key) for layer, key in zip(layers, _draw_keys([layer[3] for layer in layers]))]
                 readout = i < n and _fusable_readout(mods[i], x.dtype, width)
                 if readout:
                     head = mods[i]._parameters

@@ -435,7 +435,8 @@ def relu_dropout_chain_ok(M: int, values) -> bool:
     """Whether :func:`relu_dropout_chain_forward` serves a run of layers with these ``values``
     on ``M`` tokens: ``1 <= M < spmm.LONG_RUN_MIN`` (the forward kernel of few tokens, which can
     write token-major output) and every layer with live entries."""
-    return 0 < M < _load()[3].LONG_RUN_MIN and all(v.shape[0] > 0 for v in values)
+    spmm = (_kernels or _load())[3]  # (no thread-count sync: this call runs no kernel)
+    return 0 < M < spmm.LONG_RUN_MIN and all(v.shape[0] > 0 for v in values)
 
 
 def relu_dropout_chain_forward(x, layers, readout=None):
